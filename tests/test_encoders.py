@@ -1,0 +1,62 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from sklearn.datasets import load_sample_image
+
+from models.encoders import EncoderWeightsError, create_classifier, create_encoder, map_by_order, normalization
+
+DAISY = 985
+
+
+def test_offline_imagenet_efficientnet_lite0_weights_are_real():
+    """With its classifier head, the encoder puts 'daisy' in the top 5 for sklearn's flower.jpg."""
+    model = create_classifier("tf_efficientnet_lite0", "imagenet")
+    mean, std = normalization("tf_efficientnet_lite0")
+    assert mean == std == (0.5, 0.5, 0.5)
+    image = Image.fromarray(load_sample_image("flower.jpg")).resize((224, 224), Image.BICUBIC)
+    x = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
+    x = (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    with torch.no_grad():
+        top5 = model(x[None]).topk(5).indices[0].tolist()
+    assert DAISY in top5
+
+
+def test_encoder_gets_the_same_imagenet_weights_as_the_classifier():
+    encoder = create_encoder("tf_efficientnet_lite0", "imagenet")
+    classifier = create_classifier("tf_efficientnet_lite0", "imagenet")
+    assert torch.equal(encoder.state_dict()["conv_stem.weight"], classifier.state_dict()["conv_stem.weight"])
+    assert torch.equal(encoder.state_dict()["blocks.6.0.conv_pwl.weight"],
+                       classifier.state_dict()["blocks.6.0.conv_pwl.weight"])
+
+
+def test_local_weights_file_is_loaded(tmp_path):
+    source = create_encoder("resnet18", "none")
+    path = tmp_path / "resnet18.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    loaded = create_encoder("resnet18", path)
+    for k, v in source.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    pth = tmp_path / "resnet18.pth"
+    torch.save({"state_dict": source.state_dict()}, pth)
+    from_pth = create_encoder("resnet18", pth).state_dict()
+    assert torch.equal(from_pth["conv1.weight"], source.state_dict()["conv1.weight"])
+
+
+def test_weights_for_another_architecture_fail_clearly(tmp_path):
+    path = tmp_path / "lite0.safetensors"
+    save_file({k: v.contiguous() for k, v in create_encoder("tf_efficientnet_lite0").state_dict().items()}, str(path))
+    with pytest.raises(EncoderWeightsError, match="lite0.safetensors: keys .* are missing"):
+        create_encoder("resnet18", path)
+    with pytest.raises(EncoderWeightsError, match="no such weights file"):
+        create_encoder("resnet18", tmp_path / "missing.pth")
+
+
+def test_map_by_order_checks_count_and_shapes():
+    a = {"x": torch.zeros(2, 3), "y": torch.zeros(4)}
+    assert set(map_by_order(a, {"p": torch.ones(2, 3), "q": torch.ones(4)}, "src")) == {"p", "q"}
+    with pytest.raises(EncoderWeightsError, match=r"tensor #1 y has shape \(4,\) but timm's q needs \(5,\)"):
+        map_by_order(a, {"p": torch.ones(2, 3), "q": torch.ones(5)}, "src")
+    with pytest.raises(EncoderWeightsError, match="2 tensors, but the timm model has 1"):
+        map_by_order(a, {"p": torch.ones(2, 3)}, "src")

@@ -1,0 +1,40 @@
+import math
+
+import torch
+
+from training.metrics import ConfusionMatrix
+
+
+def test_metrics_match_a_hand_computation_with_void_excluded():
+    # 3 classes + void (3). Truth and prediction, 12 pixels; the 2 void pixels must not count.
+    truth = torch.tensor([[0, 0, 0, 1], [1, 1, 2, 2], [3, 3, 0, 1]])
+    pred = torch.tensor([[0, 0, 1, 1], [1, 2, 2, 2], [0, 1, 0, 0]])
+    cm = ConfusionMatrix(4, ignore_index=3)
+    cm.update(truth, pred)
+    # confusion rows=truth: class0 -> [3 correct, 1 as 1]; class1 -> [1 as 0, 2 correct, 1 as 2]; class2 -> [2 correct]
+    assert cm.mat[:3, :3].tolist() == [[3, 1, 0], [1, 2, 1], [0, 0, 2]]
+    assert cm.mat[3].sum() == 0
+    m = cm.compute(["a", "b", "c", "void"])
+    assert m["pixels"] == 10
+    assert math.isclose(m["pixel_accuracy"], 7 / 10)
+    # IoU: a = 3/(4+4-3)=3/5, b = 2/(4+3-2)=2/5, c = 2/(2+3-2)=2/3
+    assert math.isclose(m["per_class_iou"]["a"], 3 / 5)
+    assert math.isclose(m["per_class_iou"]["b"], 2 / 5)
+    assert math.isclose(m["per_class_iou"]["c"], 2 / 3)
+    assert "void" not in m["per_class_iou"]
+    assert math.isclose(m["mean_iou"], (3 / 5 + 2 / 5 + 2 / 3) / 3)
+    assert math.isclose(m["per_class_accuracy"]["b"], 2 / 4)
+    assert math.isclose(m["mean_class_accuracy"], (3 / 4 + 2 / 4 + 1) / 3)
+
+
+def test_absent_classes_do_not_count_in_mean_iou_and_updates_accumulate():
+    cm = ConfusionMatrix(3, ignore_index=None)
+    cm.update(torch.tensor([0, 0]), torch.tensor([0, 1]))
+    cm.update(torch.tensor([1]), torch.tensor([1]))
+    m = cm.compute()
+    # class 2 never appears in truth or prediction: NaN, and left out of the mean
+    assert math.isnan(m["per_class_iou"]["2"])
+    assert math.isclose(m["per_class_iou"]["0"], 1 / 2)
+    assert math.isclose(m["per_class_iou"]["1"], 1 / 2)
+    assert math.isclose(m["mean_iou"], 1 / 2)
+    assert math.isclose(m["pixel_accuracy"], 2 / 3)

@@ -1,0 +1,150 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import training.trainer
+from models.checkpoint import load_checkpoint
+from training.cli import main
+from training.trainer import TrainConfig, fit
+
+from .conftest import CAMVID
+
+SMALL = dict(encoder="tf_efficientnet_lite0", decoder_channels=(64, 32, 16, 16, 8), bs=4, workers=0,
+             show_progress=False)
+
+
+def history(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path, dict]:
+    """A few epochs on 4 real (tiny) CamVid images, offline ImageNet encoder: the recipe end to end."""
+    root = tmp_path_factory.mktemp("train")
+    config = TrainConfig(data=CAMVID, out=root / "best.safetensors", run_dir=root / "run", epochs=8,
+                         freeze_epochs=2, lr=1e-2, **SMALL)
+    best = fit(config)
+    return root / "best.safetensors", root / "run", best
+
+
+def test_a_few_epochs_drive_the_loss_down_and_accuracy_up(trained):
+    out, run_dir, best = trained
+    h = history(run_dir)
+    assert [r["epoch"] for r in h] == list(range(1, 9))
+    assert [r["phase"] for r in h] == ["frozen"] * 2 + ["unfrozen"] * 6
+    assert h[0]["size"] == [36, 48] and h[-1]["size"] == [72, 96]  # progressive resizing
+    assert h[-1]["train_loss"] < 0.6 * h[0]["train_loss"]
+    assert h[-1]["pixel_accuracy"] > h[0]["pixel_accuracy"] + 0.2
+    assert best["mean_iou"] == max(r["mean_iou"] for r in h)
+    for name in ("curves.png", "last.safetensors", "state.pt", "config.json"):
+        assert (run_dir / name).is_file(), name
+    ckpt = load_checkpoint(out)
+    assert ckpt.meta.metrics["mean_iou"] == best["mean_iou"]
+    assert ckpt.meta.data["files"] == 12 and ckpt.meta.train["epochs"] == 8
+    assert ckpt.meta.input_size == (72, 96) or best["epoch"] <= 2
+
+
+def test_evaluate_json_reproduces_the_recorded_validation_metrics(trained, capsys):
+    out, run_dir, best = trained
+    assert main(["evaluate", "--data", str(CAMVID), "--checkpoint", str(run_dir / "last.safetensors"),
+                 "--json", "--workers", "0"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    last = history(run_dir)[-1]
+    assert m["pixel_accuracy"] == pytest.approx(last["pixel_accuracy"], abs=1e-9)
+    assert m["mean_iou"] == pytest.approx(last["mean_iou"], abs=1e-9)
+    assert len(m["per_class_iou"]) == 11 and "Void" not in m["per_class_iou"]
+    confusion = m["confusion"]
+    assert len(confusion) == 12 and sum(map(sum, confusion)) == m["pixels"]
+    assert sum(confusion[i][i] for i in range(12)) / m["pixels"] == pytest.approx(m["pixel_accuracy"])
+
+
+def test_resume_continues_exactly_where_a_crash_stopped(tmp_path, monkeypatch):
+    config = TrainConfig(data=CAMVID, out=tmp_path / "a.safetensors", run_dir=tmp_path / "a", epochs=3,
+                         freeze_epochs=1, lr=1e-2, **SMALL)
+    fit(config)
+    straight = history(tmp_path / "a")
+
+    calls = {"n": 0}
+    real_evaluate = training.trainer.evaluate
+
+    def crash_on_third_validation(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # the power goes out during epoch 3
+        return real_evaluate(*args, **kwargs)
+
+    b = TrainConfig(**{**config.__dict__, "out": tmp_path / "b.safetensors", "run_dir": tmp_path / "b"})
+    monkeypatch.setattr(training.trainer, "evaluate", crash_on_third_validation)
+    with pytest.raises(KeyboardInterrupt):
+        fit(b)
+    monkeypatch.setattr(training.trainer, "evaluate", real_evaluate)
+    assert len(history(tmp_path / "b")) == 2
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        fit(b)
+    fit(TrainConfig(**{**b.__dict__, "resume": True, "epochs": 99}))  # saved settings win over new ones
+    resumed = history(tmp_path / "b")
+    assert len(resumed) == 3
+    for x, y in zip(straight, resumed, strict=True):
+        assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-5)
+        assert x["pixel_accuracy"] == pytest.approx(y["pixel_accuracy"], rel=1e-5)
+
+
+def test_seed_makes_a_cpu_run_repeatable(tmp_path):
+    runs = []
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        fit(TrainConfig(data=CAMVID, out=tmp_path / f"{name}.safetensors", run_dir=tmp_path / name, epochs=1,
+                        freeze_epochs=0, encoder_weights="none", seed=seed, **SMALL))
+        runs.append(history(tmp_path / name)[0]["train_loss"])
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+
+
+def test_show_writes_an_image_truth_prediction_grid(trained, tmp_path, capsys):
+    out, _, _ = trained
+    grid = tmp_path / "grid.png"
+    assert main(["show", "--data", str(CAMVID), "--checkpoint", str(out), "--out", str(grid), "--n", "2"]) == 0
+    im = Image.open(grid)
+    assert im.size == (3 * 96, 18 + 2 * 72)
+    # the ground-truth column uses the class colours: Sky's grey appears in it
+    truth = im.crop((96, 18, 192, 18 + 72)).convert("RGB")
+    assert (128, 128, 128) in {c for _, c in truth.getcolors(100000)}
+
+
+def test_lr_find_prints_a_suggestion_and_writes_a_plot(tmp_path, capsys):
+    plot = tmp_path / "lr.png"
+    assert main(["lr-find", "--data", str(CAMVID), "--encoder", "resnet18", "--encoder-weights", "none",
+                 "--iters", "12", "--bs", "4", "--workers", "0", "--plot", str(plot)]) == 0
+    line = capsys.readouterr().out
+    lr = float(line.split("suggested lr: ")[1].split()[0])
+    assert 1e-7 <= lr <= 10 and plot.stat().st_size > 1000
+
+
+def test_cli_errors_are_one_clear_line(tmp_path, capsys):
+    assert main(["evaluate", "--data", str(CAMVID), "--checkpoint", str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no such checkpoint" in err and "Traceback" not in err
+    assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "m.safetensors")]) == 2
+    assert "not a CamVid folder" in capsys.readouterr().err
+
+
+def test_ddp_two_processes_with_gloo(tmp_path, capsys):
+    out, run_dir = tmp_path / "ddp.safetensors", tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "training", "train", "--data", str(CAMVID), "--out", str(out), "--run-dir", str(run_dir),
+           "--device", "cpu", "--encoder", "resnet18", "--encoder-weights", "none", "--epochs", "2",
+           "--bs", "2", "--workers", "0", "--quiet"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    h = history(run_dir)
+    assert [r["epoch"] for r in h] == [1, 2]  # rank 0 alone wrote the log
+    # the 2 validation shards were all-reduced: one process scoring all images gets the same numbers
+    assert main(["evaluate", "--data", str(CAMVID), "--checkpoint", str(run_dir / "last.safetensors"),
+                 "--json", "--workers", "0"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["pixel_accuracy"] == pytest.approx(h[-1]["pixel_accuracy"], abs=1e-9)
+    assert m["mean_iou"] == pytest.approx(h[-1]["mean_iou"], abs=1e-9)
+    assert out.is_file()

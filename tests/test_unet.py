@@ -1,0 +1,32 @@
+import pytest
+import torch
+
+from models.unet import UNet, UNetConfig, predict_mask
+
+
+@pytest.mark.parametrize("encoder", ["resnet34", "tf_efficientnet_lite0"])
+def test_output_has_the_input_size_for_odd_sizes(encoder):
+    model = UNet(UNetConfig(encoder, num_classes=12)).eval()
+    with torch.no_grad():
+        for h, w in [(37, 61), (33, 32), (72, 96), (1, 1)]:
+            assert model(torch.randn(1, 3, h, w)).shape == (1, 12, h, w)
+
+
+def test_decoder_is_lean_compared_with_fastai_dynamic_unet():
+    model = UNet(UNetConfig("resnet34", num_classes=12))
+    n = sum(p.numel() for p in model.parameters())
+    # smp.Unet(resnet34) has 24.4 M parameters; fastai's DynamicUnet(resnet34) 41 M.
+    assert 24.0e6 < n < 25.0e6
+
+
+def test_unknown_encoder_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown encoder 'resnet_nope'"):
+        UNet(UNetConfig("resnet_nope"))
+
+
+def test_void_is_never_predicted():
+    logits = torch.zeros(1, 3, 2, 2)
+    logits[:, 2] = 10.0  # void would win the argmax
+    logits[:, 1, 0, 0] = 1.0
+    mask = predict_mask(logits, void_index=2)
+    assert mask.tolist() == [[[1, 0], [0, 0]]]

@@ -1,0 +1,1 @@
+"""Training: CamVid folders → (image, mask) pairs → joint transforms → U-Net → checkpoint."""

@@ -1,0 +1,171 @@
+"""The inner loops: train_one_epoch(), evaluate(), lr_find(). Plain torch; DDP-aware where it matters."""
+
+from __future__ import annotations
+
+import math
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from models.unet import predict_mask
+
+from .metrics import ConfusionMatrix
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a (possibly single-process) run; set up from torchrun's environment."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls, device: str) -> Dist:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            return cls()
+        rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        backend = "nccl" if device == "cuda" else "gloo"
+        if device == "cuda":
+            torch.cuda.set_device(local)
+        if not dist.is_initialized():
+            dist.init_process_group(backend)
+        return cls(rank, world, local)
+
+
+def resolve_device(name: str, d: Dist = Dist()) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda, but no CUDA GPU is visible to PyTorch; use --device cpu or auto")
+        return torch.device("cuda", d.local_rank)
+    if name != "cpu":
+        raise ValueError(f"--device must be auto, cpu or cuda, not {name!r}")
+    return torch.device("cpu")
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on GPUs that have it, fp16 otherwise; full precision on the CPU."""
+    if device.type != "cuda":
+        return nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def _mean_over_processes(total: float, count: int, device: torch.device) -> float:
+    if dist.is_available() and dist.is_initialized():
+        t = torch.tensor([total, count], dtype=torch.float64,
+                         device=device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t)
+        total, count = t[0].item(), int(t[1].item())
+    return total / max(count, 1)
+
+
+def train_one_epoch(model: nn.Module, loader, loss_fn, optimizer, scheduler, device: torch.device,
+                    scaler: torch.amp.GradScaler | None, desc: str = "train", show: bool = True) -> float:
+    model.train()
+    total, count = 0.0, 0
+    bar = tqdm(loader, desc=desc, leave=False, disable=not show, dynamic_ncols=True)
+    for images, masks in bar:
+        images = images.to(device, non_blocking=True)
+        masks = masks.to(device, non_blocking=True)
+        if device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(device):
+            loss = loss_fn(model(images), masks)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()}; lower --lr (try lr-find)")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+        total += loss.item() * len(images)
+        count += len(images)
+        bar.set_postfix(loss=f"{total / count:.4f}", lr=f"{scheduler.get_last_lr()[-1]:.2e}")
+    return _mean_over_processes(total, count, device)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, num_classes: int, ignore_index: int, void_index: int | None,
+             device: torch.device, names: list[str] | None = None, desc: str = "valid",
+             show: bool = True) -> dict:
+    """Predict at the loader's input size, score at each label's native size; metrics + mean loss."""
+    model.eval()
+    cm = ConfusionMatrix(num_classes, void_index)
+    total, count = 0.0, 0
+    for images, masks in tqdm(loader, desc=desc, leave=False, disable=not show, dynamic_ncols=True):
+        images = images.to(device, non_blocking=True)
+        if device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(device):
+            logits = model(images)
+        for i, mask in enumerate(masks):
+            mask = mask.to(device)
+            out = logits[i:i + 1].float()
+            if out.shape[-2:] != mask.shape:
+                out = F.interpolate(out, size=mask.shape, mode="bilinear", align_corners=False)
+            valid = mask != ignore_index
+            if valid.any():
+                total += F.cross_entropy(out, mask[None], ignore_index=ignore_index).item() * int(valid.sum())
+                count += int(valid.sum())
+            cm.update(mask, predict_mask(out, void_index)[0])
+    cm.reduce_from_all_processes()
+    metrics = cm.compute(names)
+    metrics["loss"] = _mean_over_processes(total, count, device)
+    metrics["confusion"] = cm.mat.tolist()
+    return metrics
+
+
+def lr_find(model: nn.Module, loader, loss_fn, optimizer, device: torch.device, start_lr: float = 1e-7,
+            end_lr: float = 10.0, num_iter: int = 100, show: bool = True) -> tuple[list[float], list[float], float]:
+    """Leslie Smith's range test: raise the LR exponentially until the loss diverges. Returns the LRs,
+    the smoothed losses and a suggestion (the steepest descent of the smoothed loss)."""
+    model.train()
+    mult = (end_lr / start_lr) ** (1 / max(1, num_iter - 1))
+    lrs, losses, avg, best = [], [], 0.0, math.inf
+    it = iter(loader)
+    for step in tqdm(range(num_iter), desc="lr-find", disable=not show, dynamic_ncols=True):
+        lr = start_lr * mult ** step
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        try:
+            images, masks = next(it)
+        except StopIteration:
+            it = iter(loader)
+            images, masks = next(it)
+        images, masks = images.to(device), masks.to(device)
+        with autocast(device):
+            loss = loss_fn(model(images), masks)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        avg = 0.98 * avg + 0.02 * loss.item()
+        smoothed = avg / (1 - 0.98 ** (step + 1))
+        lrs.append(lr)
+        losses.append(smoothed)
+        best = min(best, smoothed)
+        if not math.isfinite(smoothed) or smoothed > 4 * best:
+            break
+    if len(losses) < 3:
+        return lrs, losses, lrs[0]
+    logs = [math.log10(x) for x in lrs]
+    slopes = [(losses[i + 1] - losses[i - 1]) / (logs[i + 1] - logs[i - 1]) for i in range(1, len(losses) - 1)]
+    steepest = min(range(len(slopes)), key=slopes.__getitem__) + 1
+    return lrs, losses, lrs[steepest]

@@ -1,0 +1,51 @@
+"""One confusion matrix → every metric: pixel accuracy (void excluded, fastai's acc_camvid), IoU, mIoU."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+
+class ConfusionMatrix:
+    """Rows are ground truth, columns are predictions; pixels labelled `ignore_index` are not counted."""
+
+    def __init__(self, num_classes: int, ignore_index: int | None = None):
+        self.n, self.ignore = num_classes, ignore_index
+        self.mat = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+
+    def update(self, target: torch.Tensor, pred: torch.Tensor) -> None:
+        target, pred = target.reshape(-1), pred.reshape(-1)
+        keep = (target >= 0) & (target < self.n)
+        if self.ignore is not None:
+            keep &= target != self.ignore
+        idx = self.n * target[keep].long() + pred[keep].long()
+        self.mat += torch.bincount(idx, minlength=self.n * self.n).reshape(self.n, self.n).cpu()
+
+    def reduce_from_all_processes(self) -> None:
+        if dist.is_available() and dist.is_initialized():
+            mat = self.mat.to("cuda" if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(mat)
+            self.mat = mat.cpu()
+
+    def compute(self, names: list[str] | None = None) -> dict:
+        """NaN marks a class that is absent from both truth and prediction (JSON writes it as null)."""
+        m = self.mat.double()
+        tp, truth, predicted = m.diag(), m.sum(1), m.sum(0)
+        union = truth + predicted - tp
+        classes = [c for c in range(self.n) if c != self.ignore]
+        iou = [(tp[c] / union[c]).item() if union[c] > 0 else math.nan for c in classes]
+        acc = [(tp[c] / truth[c]).item() if truth[c] > 0 else math.nan for c in classes]
+        names = names or [str(c) for c in range(self.n)]
+        total = m.sum().item()
+        present = [v for v in iou if not math.isnan(v)]
+        recalls = [v for v in acc if not math.isnan(v)]
+        return {
+            "pixel_accuracy": tp.sum().item() / total if total else math.nan,
+            "mean_iou": sum(present) / len(present) if present else math.nan,
+            "mean_class_accuracy": sum(recalls) / len(recalls) if recalls else math.nan,
+            "per_class_iou": {names[c]: v for c, v in zip(classes, iou, strict=True)},
+            "per_class_accuracy": {names[c]: v for c, v in zip(classes, acc, strict=True)},
+            "pixels": int(total),
+        }

@@ -1,0 +1,139 @@
+"""Joint transforms: every transform takes and returns (image, mask); the pair never drifts apart.
+
+image: (3, H, W) uint8 until Normalize, then float; mask: (H, W) int64 class indices. Masks are always
+resampled with nearest and padded/filled with the ignore index, never averaged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torchvision.transforms.v2.functional as F
+from torchvision.transforms import InterpolationMode
+
+NEAREST, BILINEAR = InterpolationMode.NEAREST, InterpolationMode.BILINEAR
+
+
+def _uniform(g: torch.Generator, lo: float, hi: float) -> float:
+    return lo + (hi - lo) * torch.rand((), generator=g).item()
+
+
+class Compose:
+    def __init__(self, transforms: list):
+        self.transforms = transforms
+
+    def __call__(self, image, mask, g):
+        for t in self.transforms:
+            image, mask = t(image, mask, g)
+        return image, mask
+
+
+class RandomScaleToCover:
+    """Resize so the image covers `size` (keeping aspect), times a random factor in `scale`."""
+
+    def __init__(self, size: tuple[int, int], scale=(0.75, 1.25), image_interpolation=BILINEAR):
+        self.size, self.scale, self.interp = size, scale, image_interpolation
+
+    def __call__(self, image, mask, g):
+        h, w = image.shape[-2:]
+        s = max(self.size[0] / h, self.size[1] / w) * _uniform(g, *self.scale)
+        new = [max(1, round(h * s)), max(1, round(w * s))]
+        image = F.resize(image, new, interpolation=self.interp, antialias=True)
+        mask = F.resize(mask[None], new, interpolation=NEAREST)[0]
+        return image, mask
+
+
+class RandomRotation:
+    def __init__(self, degrees: float, ignore_index: int, image_interpolation=BILINEAR):
+        self.degrees, self.ignore, self.interp = degrees, ignore_index, image_interpolation
+
+    def __call__(self, image, mask, g):
+        angle = _uniform(g, -self.degrees, self.degrees)
+        image = F.rotate(image, angle, interpolation=self.interp, fill=[0.0])
+        mask = F.rotate(mask[None], angle, interpolation=NEAREST, fill=[float(self.ignore)])[0]
+        return image, mask
+
+
+class RandomCrop:
+    """Crop `size` at a random place; pad first (image 0, mask ignore) where the image is smaller."""
+
+    def __init__(self, size: tuple[int, int], ignore_index: int):
+        self.size, self.ignore = size, ignore_index
+
+    def __call__(self, image, mask, g):
+        th, tw = self.size
+        h, w = image.shape[-2:]
+        if h < th or w < tw:
+            pad = [0, 0, max(0, tw - w), max(0, th - h)]  # left, top, right, bottom
+            image = F.pad(image, pad, fill=0)
+            mask = F.pad(mask[None], pad, fill=self.ignore)[0]
+            h, w = image.shape[-2:]
+        top = int(torch.randint(0, h - th + 1, (), generator=g))
+        left = int(torch.randint(0, w - tw + 1, (), generator=g))
+        return image[:, top:top + th, left:left + tw], mask[top:top + th, left:left + tw]
+
+
+class RandomHFlip:
+    def __init__(self, p: float = 0.5):
+        self.p = p
+
+    def __call__(self, image, mask, g):
+        if torch.rand((), generator=g).item() < self.p:
+            return image.flip(-1), mask.flip(-1)
+        return image, mask
+
+
+class RandomLighting:
+    """Brightness and contrast jitter (fastai's max_lighting); the image only."""
+
+    def __init__(self, max_lighting: float = 0.2):
+        self.m = max_lighting
+
+    def __call__(self, image, mask, g):
+        image = F.adjust_brightness(image, _uniform(g, 1 - self.m, 1 + self.m))
+        image = F.adjust_contrast(image, _uniform(g, 1 - self.m, 1 + self.m))
+        return image, mask
+
+
+class Resize:
+    """Resize the image to the network's input size; the mask keeps its native size unless `mask` is set
+    (evaluation scores at the label's own resolution, as the service answers at the upload's)."""
+
+    def __init__(self, size: tuple[int, int], mask: bool = False):
+        self.size, self.mask = list(size), mask
+
+    def __call__(self, image, mask, g):
+        image = F.resize(image, self.size, interpolation=BILINEAR, antialias=True)
+        if self.mask:
+            mask = F.resize(mask[None], self.size, interpolation=NEAREST)[0]
+        return image, mask
+
+
+class Normalize:
+    def __init__(self, mean, std):
+        self.mean, self.std = list(mean), list(std)
+
+    def __call__(self, image, mask, g):
+        return F.normalize(image.float() / 255.0, self.mean, self.std), mask
+
+
+def train_transforms(size: tuple[int, int], mean, std, ignore_index: int, scale=(0.75, 1.25),
+                     degrees: float = 10.0, max_lighting: float = 0.2) -> Compose:
+    """fastai's get_transforms for segmentation (tfm_y=True): scale, rotate, crop, flip, lighting."""
+    return Compose([
+        RandomScaleToCover(size, scale),
+        RandomRotation(degrees, ignore_index),
+        RandomCrop(size, ignore_index),
+        RandomHFlip(),
+        RandomLighting(max_lighting),
+        Normalize(mean, std),
+    ])
+
+
+def eval_transforms(size: tuple[int, int], mean, std) -> Compose:
+    return Compose([Resize(size), Normalize(mean, std)])
+
+
+def half_size(size: tuple[int, int]) -> tuple[int, int]:
+    return max(32, math.ceil(size[0] / 2)), max(32, math.ceil(size[1] / 2))
