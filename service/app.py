@@ -1,0 +1,191 @@
+"""create_app(settings): the lifespan loads the model once; routes speak HTTP only."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .batcher import Batcher, QueueFull
+from .decode import DecodeError, decode_image
+from .metrics import LATENCY, REGISTRY, REQUESTS
+from .predictor import Predictor, b64, mask_png, overlay_jpeg
+from .schemas import ErrorBody, ModelInfo, SegmentResponse
+from .settings import Settings
+from .upload import read_image_field
+
+log = logging.getLogger("service")
+
+ERRORS = {s: {"model": ErrorBody} for s in (413, 415, 422, 503, 504)}
+UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["image"],
+    "properties": {"image": {"type": "string", "format": "binary",
+                             "description": "JPEG, PNG, WebP, BMP, TIFF or GIF; at most 20 MiB, 40 MP"}}}}}}}
+
+
+def hexcolor(rgb) -> str:
+    return "#{:02x}{:02x}{:02x}".format(*rgb)
+
+
+class State:
+    """What the lifespan builds once and the routes share."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.predictor: Predictor | None = None
+        self.batcher: Batcher | None = None
+        self.ready = False
+
+
+def error(status: int, code: str, detail: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail, "code": code}, status_code=status, headers=headers)
+
+
+def get_state(request: Request) -> State:
+    return request.app.state.segment
+
+
+def get_predictor(state: Annotated[State, Depends(get_state)]) -> Predictor:
+    if not state.ready:
+        raise StarletteHTTPException(503, "the model is still loading; retry shortly")
+    return state.predictor
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    state = State(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        predictor = await asyncio.to_thread(Predictor.load, settings.checkpoint, settings.device, settings.precision)
+        seconds = await asyncio.to_thread(predictor.warmup, settings.warmup_passes, settings.max_batch_size)
+        state.predictor = predictor
+        state.batcher = Batcher(predictor, settings.max_batch_size, settings.max_batch_wait_ms, settings.queue_size)
+        state.batcher.start()
+        state.ready = True
+        log.info("serving %s on %s (%s), warm-up %.2fs", settings.checkpoint, predictor.device,
+                 str(predictor.dtype).removeprefix("torch."), seconds)
+        yield
+        state.ready = False
+        await state.batcher.drain()
+
+    app = FastAPI(title="CamVid segmentation", version="0.1.0", lifespan=lifespan,
+                  description="U-Net street-scene segmentation. `POST /segment` with an image; get a colour-coded "
+                              "palette-PNG mask and per-class pixel counts.")
+    app.state.segment = state
+
+    @app.exception_handler(DecodeError)
+    async def on_decode_error(request: Request, e: DecodeError):
+        return error(e.status, e.code, e.detail)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation(request: Request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()))
+        return error(422, "invalid_request", f"{where}: {first.get('msg', 'invalid request')}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(request: Request, e: StarletteHTTPException):
+        codes = {404: "not_found", 405: "method_not_allowed", 503: "not_ready"}
+        return error(e.status_code, codes.get(e.status_code, "http_error"), str(e.detail), e.headers)
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = route.path if route is not None else "unmatched"
+        REQUESTS.labels(path, request.method, str(response.status_code)).inc()
+        LATENCY.labels(path).observe(time.perf_counter() - t0)
+        return response
+
+    @app.post("/segment", response_model=SegmentResponse, responses={
+        **ERRORS, 200: {"content": {"image/png": {}}, "description": "JSON by default; the palette PNG itself "
+                        "with `Accept: image/png` (counts in the X-Class-Pixels header)"}},
+        openapi_extra=UPLOAD_BODY)
+    async def segment(request: Request, predictor: Annotated[Predictor, Depends(get_predictor)],
+                      overlay: Annotated[bool, Query(description="add a JPEG overlay")] = False):
+        t0 = time.perf_counter()
+        data = await read_image_field(request, settings.max_upload_bytes)
+        image, tensor = await asyncio.to_thread(_decode_and_preprocess, data, settings.max_pixels, predictor)
+        t1 = time.perf_counter()
+        try:
+            result, job = await asyncio.wait_for(state.batcher.submit(tensor, (image.height, image.width)),
+                                                 settings.request_timeout_s)
+        except QueueFull:
+            return error(503, "overloaded", f"{settings.queue_size} requests are already waiting; retry shortly",
+                         {"Retry-After": "1"})
+        except TimeoutError:
+            return error(504, "timeout", f"no result within {settings.request_timeout_s}s; the service is "
+                                         "overloaded, retry later")
+        t2 = time.perf_counter()
+        classes = predictor.meta.classes
+        png, over = await asyncio.to_thread(_encode, image, result.mask, classes, overlay, settings.overlay_alpha)
+        t3 = time.perf_counter()
+        if "image/png" in request.headers.get("accept", "") and "application/json" not in request.headers.get(
+                "accept", ""):
+            counts = {n: c for n, c in zip(classes.names, result.counts, strict=True)}
+            return Response(png, media_type="image/png", headers={"X-Class-Pixels": json.dumps(counts)})
+        total = image.width * image.height
+        return {
+            "width": image.width, "height": image.height, "mask": b64(png),
+            "classes": [{"index": i, "name": n, "color": hexcolor(c), "pixels": p, "fraction": round(p / total, 6)}
+                        for i, (n, c, p) in enumerate(zip(classes.names, classes.colors, result.counts, strict=True))],
+            "overlay": b64(over) if over else None,
+            "model": {"name": predictor.checkpoint.path.name, "sha256": predictor.checkpoint.sha256},
+            "timings_ms": {"decode": ms(t1 - t0), "queue": ms(job.started - job.enqueued),
+                           "inference": ms(t2 - job.started), "encode": ms(t3 - t2)},
+        }
+
+    @app.get("/model", response_model=ModelInfo)
+    async def model_info(predictor: Annotated[Predictor, Depends(get_predictor)]):
+        m, classes = predictor.meta, predictor.meta.classes
+        return {
+            "name": predictor.checkpoint.path.name, "sha256": predictor.checkpoint.sha256,
+            "encoder": m.model.encoder, "architecture": m.model.arch, "input_size": list(m.input_size),
+            "classes": [{"index": i, "name": n, "color": hexcolor(c), "void": i == classes.void_index}
+                        for i, (n, c) in enumerate(zip(classes.names, classes.colors, strict=True))],
+            "metrics": m.metrics, "device": str(predictor.device),
+            "precision": str(predictor.dtype).removeprefix("torch."), "created": m.created,
+            "package_version": m.package_version,
+        }
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready", responses={503: {"model": ErrorBody}})
+    async def ready():
+        if not state.ready:
+            return error(503, "not_ready", "the model is still loading")
+        return {"status": "ready"}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics():
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def ms(seconds: float) -> float:
+    return round(seconds * 1000, 2)
+
+
+def _decode_and_preprocess(data: bytes, max_pixels: int, predictor: Predictor):
+    image = decode_image(data, max_pixels)
+    return image, predictor.preprocess(image)
+
+
+def _encode(image, mask, classes, overlay: bool, alpha: float):
+    png = mask_png(mask, classes.palette())
+    over = overlay_jpeg(image, mask, list(classes.colors), alpha) if overlay else None
+    return png, over

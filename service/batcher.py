@@ -1,0 +1,97 @@
+"""The queue that turns concurrent requests into batches for the one worker that owns the device."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from .metrics import BATCH_SIZE, INFERENCE_SECONDS, QUEUE_DEPTH
+from .predictor import Prediction, Predictor
+
+
+class QueueFull(Exception):
+    """Back-pressure: the service is at capacity; the client should retry later."""
+
+
+@dataclass
+class Job:
+    tensor: torch.Tensor  # (3, h, w) preprocessed
+    size: tuple[int, int]  # the upload's (H, W)
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+    started: float = 0.0  # when its batch began on the device
+
+
+class Batcher:
+    def __init__(self, predictor: Predictor, max_batch_size: int, max_wait_ms: float, queue_size: int):
+        self.predictor = predictor
+        self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000
+        self.queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=queue_size)
+        # One thread owns the device: forward passes never overlap and never block the event loop.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._run(), name="batcher")
+
+    async def submit(self, tensor: torch.Tensor, size: tuple[int, int]) -> tuple[Prediction, Job]:
+        job = Job(tensor, size, asyncio.get_running_loop().create_future())
+        try:
+            self.queue.put_nowait(job)
+        except asyncio.QueueFull:
+            raise QueueFull from None
+        QUEUE_DEPTH.set(self.queue.qsize())
+        return await job.future, job
+
+    async def _gather(self) -> list[Job]:
+        jobs = [await self.queue.get()]
+        deadline = time.perf_counter() + self.max_wait
+        while len(jobs) < self.max_batch_size:
+            timeout = deadline - time.perf_counter()
+            try:
+                jobs.append(self.queue.get_nowait() if timeout <= 0 else
+                            await asyncio.wait_for(self.queue.get(), timeout))
+            except (asyncio.QueueEmpty, TimeoutError):
+                break
+        QUEUE_DEPTH.set(self.queue.qsize())
+        return [j for j in jobs if not j.future.done()]  # timed-out requests were cancelled: skip them
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            jobs = await self._gather()
+            if not jobs:
+                continue
+            batch = torch.stack([j.tensor for j in jobs])
+            t0 = time.perf_counter()
+            for j in jobs:
+                j.started = t0
+            try:
+                results = await loop.run_in_executor(self.executor, self.predictor.predict, batch,
+                                                     [j.size for j in jobs])
+            except Exception as e:  # a failed forward must fail its requests, not kill the worker
+                for j in jobs:
+                    if not j.future.done():
+                        j.future.set_exception(e)
+                continue
+            INFERENCE_SECONDS.observe(time.perf_counter() - t0)
+            BATCH_SIZE.observe(len(jobs))
+            for j, r in zip(jobs, results, strict=True):
+                if not j.future.done():
+                    j.future.set_result(r)
+
+    async def drain(self) -> None:
+        """Let every accepted request finish, then stop the worker (graceful shutdown)."""
+        while not self.queue.empty() and self.task is not None and not self.task.done():
+            await asyncio.sleep(0.01)
+        if self.task is not None:
+            self.task.cancel()
+        while not self.queue.empty():  # only when the worker died: fail what it left, never hang
+            job = self.queue.get_nowait()
+            if not job.future.done():
+                job.future.set_exception(RuntimeError("the service is shutting down"))
+        self.executor.shutdown(wait=True)

@@ -1,0 +1,62 @@
+"""Upload bytes → an RGB image, safely: format allowlist, pixel cap before decoding, EXIF orientation."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+ALLOWED_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF"}
+ACCEPTED = "JPEG, PNG, WebP, BMP, TIFF or GIF"
+
+
+class DecodeError(ValueError):
+    """A bad upload; `status` and `code` say how the HTTP layer reports it."""
+
+    def __init__(self, status: int, code: str, detail: str):
+        super().__init__(detail)
+        self.status, self.code, self.detail = status, code, detail
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit grey: keep the top 8 bits (PIL's convert would clip everything above 255 to white)
+        arr = np.asarray(im).astype(np.uint32)
+        im = Image.fromarray((np.clip(arr, 0, 65535) >> 8).astype(np.uint8), mode="L")
+    elif im.mode == "F":
+        arr = np.asarray(im)
+        im = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L")
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, im.convert("RGBA"))
+    return im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, RGBX ...
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    if not data:
+        raise DecodeError(415, "empty_body", f"the 'image' field is empty; send a {ACCEPTED} file")
+    try:
+        im = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise DecodeError(415, "unsupported_media_type",
+                          f"the upload is not an image this service reads; send a {ACCEPTED} file") from None
+    except Image.DecompressionBombError as e:
+        raise DecodeError(413, "too_many_pixels", f"{e}; the limit is {max_pixels} pixels") from None
+    if im.format not in ALLOWED_FORMATS:
+        raise DecodeError(415, "unsupported_media_type",
+                          f"{im.format} images are not accepted; send a {ACCEPTED} file")
+    w, h = im.size  # from the header: nothing decoded yet
+    if w * h > max_pixels:
+        raise DecodeError(413, "too_many_pixels",
+                          f"the image is {w}x{h} = {w * h} pixels; the limit is {max_pixels} pixels")
+    try:
+        im.seek(0)  # animated images: the first frame
+        im.load()
+        im = ImageOps.exif_transpose(im)
+        return _to_rgb(im)
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise DecodeError(422, "corrupt_image", f"the {im.format} image could not be decoded ({e}); "
+                          "it is truncated or corrupt") from None

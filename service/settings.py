@@ -1,0 +1,31 @@
+"""One settings class, read from SEGMENT_* environment variables once at start-up and passed in."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "camvid.safetensors"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SEGMENT_", extra="ignore")
+
+    checkpoint: Path = Field(DEFAULT_CHECKPOINT, description="the .safetensors checkpoint to serve")
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: CUDA when present")
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="auto: fp16 on CUDA, fp32 on CPU; half precision applies on CUDA only")
+    max_batch_size: int = Field(8, ge=1, le=256, description="most images in one forward pass")
+    max_batch_wait_ms: float = Field(5.0, ge=0, description="how long the worker waits to fill a batch")
+    queue_size: int = Field(64, ge=1, description="requests waiting for the model; beyond it: 503")
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="request body cap (413 beyond)")
+    max_pixels: int = Field(40_000_000, ge=1, description="image pixel cap, checked before decoding (413)")
+    request_timeout_s: float = Field(30.0, gt=0, description="a request waiting longer gets 504")
+    warmup_passes: int = Field(2, ge=0, description="forward passes run at start-up before /ready")
+    overlay_alpha: float = Field(0.5, ge=0, le=1, description="mask opacity in overlays")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"

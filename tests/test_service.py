@@ -1,0 +1,256 @@
+import base64
+import io
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from models.checkpoint import load_checkpoint, save_checkpoint
+from models.unet import predict_mask
+from service.app import create_app
+from service.predictor import upsample_argmax
+from service.settings import Settings
+
+from .conftest import CAMVID
+
+IMAGE = sorted((CAMVID / "images").iterdir())[0]  # a real CamVid frame, 96x72
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from models.checkpoint import CheckpointMeta
+    from models.classes import ClassSet, read_codes, read_label_colors
+    from models.unet import UNet, UNetConfig
+
+    from .conftest import small_unet as make  # noqa: F401 (fixture body reused below)
+    classes = ClassSet.from_names(read_codes(CAMVID / "codes.txt"), read_label_colors(CAMVID / "label_colors.txt"))
+    torch.manual_seed(0)
+    config = UNetConfig("resnet18", classes.num_classes, (64, 32, 16, 16, 8))
+    meta = CheckpointMeta(model=config, classes=classes, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                          input_size=(64, 96), metrics={"mean_iou": 0.5})
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors", UNet(config), meta)
+
+
+def make_client(checkpoint, **overrides) -> TestClient:
+    settings = Settings(checkpoint=checkpoint, device="cpu", warmup_passes=1, **overrides)
+    return TestClient(create_app(settings))
+
+
+@pytest.fixture(scope="module")
+def client(checkpoint):
+    with make_client(checkpoint) as c:
+        yield c
+
+
+def encoded(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def post(client, data: bytes, name="x.png", **kw):
+    return client.post("/segment", files={"image": (name, data, "application/octet-stream")}, **kw)
+
+
+def test_ready_health_model(client, checkpoint):
+    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/ready").json() == {"status": "ready"}
+    m = client.get("/model").json()
+    assert m["encoder"] == "resnet18" and m["input_size"] == [64, 96] and m["device"] == "cpu"
+    assert m["precision"] == "float32" and m["metrics"] == {"mean_iou": 0.5}
+    assert [c["name"] for c in m["classes"]][:2] == ["Sky", "Building"] and m["classes"][3]["color"] == "#804080"
+    assert m["classes"][11]["void"] is True
+    assert m["sha256"] == load_checkpoint(checkpoint).sha256
+
+
+def test_segment_returns_a_palette_png_mask_and_counts_that_match_the_model(client, checkpoint):
+    r = post(client, IMAGE.read_bytes(), params={"overlay": "true"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["width"], body["height"]) == (96, 72)
+    mask_im = Image.open(io.BytesIO(base64.b64decode(body["mask"])))
+    assert mask_im.mode == "P" and mask_im.size == (96, 72)
+    assert mask_im.getpalette()[3 * 3: 3 * 4] == [128, 64, 128]  # Road's colour at index 3
+    mask = np.array(mask_im)
+    counts = [c["pixels"] for c in body["classes"]]
+    assert sum(counts) == 96 * 72
+    assert counts == np.bincount(mask.ravel(), minlength=12).tolist()
+    assert counts[11] == 0  # void is never predicted
+    assert sum(c["fraction"] for c in body["classes"]) == pytest.approx(1.0, abs=1e-4)
+    # the same mask, computed by hand: resize to the input size, forward, bilinear back, argmax
+    ckpt = load_checkpoint(checkpoint)
+    x = torch.from_numpy(np.array(Image.open(IMAGE).convert("RGB"))).permute(2, 0, 1)
+    import torchvision.transforms.v2.functional as TF
+    x = TF.resize(x, [64, 96], antialias=True).float() / 255
+    x = (x - torch.tensor(ckpt.meta.mean)[:, None, None]) / torch.tensor(ckpt.meta.std)[:, None, None]
+    with torch.no_grad():
+        logits = F.interpolate(ckpt.model(x[None]), size=(72, 96), mode="bilinear", align_corners=False)
+    assert (predict_mask(logits, 11)[0].numpy() == mask).mean() > 0.999
+    overlay = Image.open(io.BytesIO(base64.b64decode(body["overlay"])))
+    assert overlay.format == "JPEG" and overlay.size == (96, 72)
+    assert body["model"]["sha256"] == ckpt.sha256
+    assert set(body["timings_ms"]) == {"decode", "queue", "inference", "encode"}
+
+
+def test_accept_png_returns_the_mask_itself_with_counts_in_a_header(client):
+    r = post(client, IMAGE.read_bytes(), headers={"Accept": "image/png"})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    im = Image.open(io.BytesIO(r.content))
+    assert im.mode == "P" and im.size == (96, 72)
+    counts = json.loads(r.headers["X-Class-Pixels"])
+    assert sum(counts.values()) == 96 * 72 and counts["Sky"] == int((np.array(im) == 0).sum())
+
+
+def test_strip_upsampling_equals_f_interpolate():
+    logits = torch.randn(5, 9, 13)
+    for h, w in [(100, 37), (9, 13), (4, 5), (1000, 3)]:
+        ref = F.interpolate(logits[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+        ref[2] = torch.finfo(ref.dtype).min
+        got = upsample_argmax(logits.clone(), h, w, void_index=2, rows_per_strip=7)
+        assert got.shape == (h, w) and (got == ref.argmax(0)).float().mean() > 0.999
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "I;16", "exif", "gif"])
+def test_image_modes_are_converted(client, mode):
+    base = Image.open(IMAGE).convert("RGB")
+    if mode == "exif":  # camera held sideways: orientation 6 means rotate 90° clockwise to display
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        data = encoded(base, "JPEG", exif=exif)
+        expected = (72, 96)
+    elif mode == "gif":
+        frames = [base.convert("P"), base.rotate(180).convert("P")]
+        data = encoded(frames[0], "GIF", save_all=True, append_images=frames[1:])
+        expected = (96, 72)
+    elif mode == "CMYK":
+        data, expected = encoded(base.convert("CMYK"), "JPEG"), (96, 72)
+    elif mode == "I;16":
+        arr = (np.array(base.convert("L"), dtype=np.uint16) * 257)
+        data, expected = encoded(Image.fromarray(arr), "PNG"), (96, 72)
+    else:
+        data, expected = encoded(base.convert(mode), "PNG"), (96, 72)
+    r = post(client, data)
+    assert r.status_code == 200, r.text
+    assert (r.json()["width"], r.json()["height"]) == expected
+    assert sum(c["pixels"] for c in r.json()["classes"]) == expected[0] * expected[1]
+
+
+def test_sixteen_bit_grey_keeps_its_contrast():
+    from service.decode import decode_image
+    arr = np.array([[0, 65535], [32896, 257]], dtype=np.uint16)
+    rgb = np.array(decode_image(encoded(Image.fromarray(arr), "PNG"), 100))
+    assert rgb[..., 0].tolist() == [[0, 255], [128, 1]]
+
+
+def test_bad_inputs_get_clear_4xx_json_and_the_server_keeps_serving(client, tmp_path):
+    png = IMAGE.read_bytes()
+    cases = [
+        (client.post("/segment", files={"file": ("x.png", png)}), 422, "missing_field"),
+        (client.post("/segment", data={"image": "text"}), 422, "missing_field"),
+        (client.post("/segment"), 422, "missing_field"),
+        (post(client, b""), 415, "empty_body"),
+        (post(client, b"hello, not an image"), 415, "unsupported_media_type"),
+        (post(client, encoded(Image.open(IMAGE).convert("RGB"), "PPM")), 415, "unsupported_media_type"),
+        (post(client, png[: len(png) // 2]), 422, "corrupt_image"),
+        (client.get("/segment"), 405, "method_not_allowed"),
+        (client.get("/nope"), 404, "not_found"),
+    ]
+    for r, status, code in cases:
+        assert r.status_code == status, (code, r.text)
+        body = r.json()
+        assert body["code"] == code and body["detail"], body
+    assert "PPM images are not accepted; send a JPEG, PNG" in cases[5][0].json()["detail"]
+    assert post(client, png).status_code == 200
+
+
+def test_byte_cap_is_enforced_while_streaming(checkpoint):
+    with make_client(checkpoint, max_upload_bytes=4096) as c:
+        big = encoded(Image.effect_noise((200, 200), 60).convert("RGB"), "PNG")
+        r = post(c, big)
+        assert r.status_code == 413 and r.json()["code"] == "too_large"
+        # no Content-Length (chunked): refused on the first chunk past the cap, not after buffering
+        boundary = "b0undary"
+        sent = {"bytes": 0}
+
+        def body():
+            yield f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x\"\r\n\r\n".encode()
+            for _ in range(1000):  # would be 64 MB
+                sent["bytes"] += 65536
+                yield b"\0" * 65536
+            yield f"\r\n--{boundary}--\r\n".encode()
+
+        r = c.post("/segment", content=body(), headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        assert r.status_code == 413 and "limit of 4096 bytes" in r.json()["detail"]
+        assert c.get("/ready").status_code == 200
+
+
+def test_pixel_cap_is_checked_from_the_header_before_decoding(checkpoint):
+    with make_client(checkpoint, max_pixels=5000) as c:
+        r = post(c, IMAGE.read_bytes())
+        assert r.status_code == 413 and r.json()["code"] == "too_many_pixels"
+        assert "96x72 = 6912 pixels; the limit is 5000" in r.json()["detail"]
+    # a 20000x20000 PNG bomb (about 400 MB decoded) that is tiny on the wire
+    bomb = encoded(Image.new("L", (20000, 20000)), "PNG")
+    assert len(bomb) < 1_000_000
+    with make_client(checkpoint) as c:
+        t0 = time.perf_counter()
+        r = post(c, bomb)
+        assert r.status_code == 413 and "400000000 pixels" in r.json()["detail"]
+        assert time.perf_counter() - t0 < 5
+
+
+def test_concurrent_requests_are_batched(checkpoint):
+    with make_client(checkpoint, max_batch_size=8, max_batch_wait_ms=200) as c:
+        predictor = c.app.state.segment.predictor
+        before = predictor.forward_calls
+        png = IMAGE.read_bytes()
+        statuses = []
+        threads = [threading.Thread(target=lambda: statuses.append(post(c, png).status_code)) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert statuses == [200] * 8
+        calls = predictor.forward_calls - before
+        assert 1 <= calls < 8
+        metrics = c.get("/metrics").text
+        assert 'segment_requests_total{method="POST",route="/segment",status="200"}' in metrics
+        assert "segment_batch_size_bucket" in metrics and "segment_queue_depth" in metrics
+
+
+def test_full_queue_answers_503_with_retry_after_and_a_stalled_request_504(checkpoint):
+    with make_client(checkpoint, queue_size=1, request_timeout_s=1.0) as c:
+        c.app.state.segment.batcher.task.cancel()  # the device stalls: nothing leaves the queue
+        png = IMAGE.read_bytes()
+        first = {}
+        t = threading.Thread(target=lambda: first.setdefault("r", post(c, png)))
+        t.start()
+        time.sleep(0.4)
+        r = post(c, png)
+        assert r.status_code == 503 and r.headers["Retry-After"] == "1" and r.json()["code"] == "overloaded"
+        t.join()
+        assert first["r"].status_code == 504 and first["r"].json()["code"] == "timeout"
+
+
+def test_docs_and_openapi_show_the_upload(client):
+    assert client.get("/docs").status_code == 200
+    spec = client.get("/openapi.json").json()
+    body = spec["paths"]["/segment"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert body["properties"]["image"]["format"] == "binary"
+
+
+def test_bad_checkpoint_stops_startup_with_one_line(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"garbage")
+    env = {"SEGMENT_CHECKPOINT": str(bad), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-m", "service"], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "too short to be a .safetensors checkpoint" in done.stderr
