@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test lint setup bench-train clean
+.PHONY: test lint setup serve bench-train bench-serve clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,11 +19,19 @@ lint: setup
 test: lint
 	$(PY) -m pytest -q
 
+# Serves SEGMENT_CHECKPOINT (default models/camvid.safetensors) on http://127.0.0.1:8000
+serve: setup
+	$(PY) -m service
+
 # Needs ../shared/camvid (or DATA=...) and fastai: not part of the tests.
 DATA ?= ../shared/camvid
 bench-train: setup
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) bench/train.py --data $(DATA)
+
+bench-serve: setup
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) bench/serve.py --data $(DATA)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

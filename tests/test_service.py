@@ -254,3 +254,49 @@ def test_bad_checkpoint_stops_startup_with_one_line(tmp_path):
     done = subprocess.run([sys.executable, "-m", "service"], capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "too short to be a .safetensors checkpoint" in done.stderr
+
+
+def test_sigterm_finishes_every_accepted_request_then_exits(checkpoint):
+    import os
+    import signal
+    import socket
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "SEGMENT_CHECKPOINT": str(checkpoint), "SEGMENT_DEVICE": "cpu", "SEGMENT_PORT": str(port),
+           "SEGMENT_MAX_BATCH_WAIT_MS": "1500", "SEGMENT_WARMUP_PASSES": "1", "SEGMENT_LOG_LEVEL": "warning"}
+    proc = subprocess.Popen([sys.executable, "-m", "service"], env=env, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            try:
+                if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.25)
+        png = IMAGE.read_bytes()
+        results = []
+
+        def send():
+            r = httpx.post(f"{base}/segment", files={"image": ("x.png", png)}, timeout=30)
+            results.append((r.status_code, sum(c["pixels"] for c in r.json()["classes"])))
+
+        threads = [threading.Thread(target=send) for _ in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(0.7)  # accepted and waiting in the batcher (it waits up to 1.5 s to fill a batch)
+        proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join()
+        assert results == [(200, 96 * 72)] * 3
+        # uvicorn re-raises the signal once shut down cleanly, so the exit status says "terminated by SIGTERM"
+        assert proc.wait(30) in (0, -signal.SIGTERM)
+        assert "Traceback" not in proc.stderr.read()
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{base}/health", timeout=1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()

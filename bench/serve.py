@@ -1,0 +1,176 @@
+"""Serving throughput and latency: the real server over HTTP, against its own limits and against LitServe.
+
+Starts `python -m service` (uvicorn on 127.0.0.1), sends CamVid images with a bounded async client at
+concurrency 1, 4 and 16, and reports throughput and p50/p95/p99 beside the same model's raw forward
+throughput measured in this run (the limit). Then LitServe serves the same checkpoint with the same
+decode / preprocess / postprocess code at the same concurrency and batching settings.
+
+    pip install -e '.[bench]'
+    python bench/serve.py --data ../shared/camvid [--checkpoint models/camvid.safetensors]
+
+Prints a table and appends it to BENCHMARKS.md unless --no-record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from models.checkpoint import CheckpointMeta, save_checkpoint  # noqa: E402
+from models.classes import ClassSet, read_codes  # noqa: E402
+from models.encoders import normalization  # noqa: E402
+from models.unet import UNet, UNetConfig  # noqa: E402
+from service.decode import decode_image  # noqa: E402
+from service.predictor import Predictor  # noqa: E402
+
+
+def untrained_checkpoint(data: Path, size: tuple[int, int], path: Path) -> Path:
+    """Speed does not depend on the weights: the default architecture with random weights will do."""
+    classes = ClassSet.from_names(read_codes(data / "codes.txt"))
+    config = UNetConfig("tf_efficientnet_lite0", classes.num_classes)
+    mean, std = normalization(config.encoder)
+    return save_checkpoint(path, UNet(config), CheckpointMeta(config, classes, mean, std, size))
+
+
+def raw_forward(checkpoint: Path, images: list[bytes], batch: int, seconds: float = 8.0) -> dict:
+    """The limit: model forward alone at batch 1 and at the server's max batch; and decode + single forward."""
+    p = Predictor.load(checkpoint, "cpu")
+    x1 = p.preprocess(decode_image(images[0], 10**9))[None]
+    xb = x1.repeat(batch, 1, 1, 1)
+    out = {}
+    with torch.inference_mode():
+        for name, x in (("forward_b1", x1), (f"forward_b{batch}", xb)):
+            p.model(x)
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds:
+                p.model(x)
+                n += len(x)
+            out[name] = n / (time.perf_counter() - t0)  # images/s
+        times = []
+        for data in images[:20]:
+            t0 = time.perf_counter()
+            p.model(p.preprocess(decode_image(data, 10**9))[None])
+            times.append(time.perf_counter() - t0)
+    out["decode_forward_ms"] = statistics.median(times) * 1000
+    return out
+
+
+async def load(url: str, images: list[bytes], concurrency: int, total: int) -> dict:
+    latencies: list[float] = []
+    sem = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=concurrency)) as client:
+        async def one(i: int) -> None:
+            async with sem:
+                t0 = time.perf_counter()
+                r = await client.post(url, files={"image": ("x.png", images[i % len(images)], "image/png")})
+                r.raise_for_status()
+                latencies.append(time.perf_counter() - t0)
+        await asyncio.gather(*(one(i) for i in range(min(concurrency, total))))  # warm connections
+        latencies.clear()
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(total)))
+        wall = time.perf_counter() - t0
+    q = statistics.quantiles(latencies, n=100)
+    return {"rps": total / wall, "p50": q[49] * 1000, "p95": q[94] * 1000, "p99": q[98] * 1000}
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+def run_server(cmd: list[str], env: dict, ready_url: str, base: str, images, levels, total) -> dict:
+    proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_ready(ready_url, proc)
+        return {c: asyncio.run(load(base, images, c, total)) for c in levels}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "camvid")
+    p.add_argument("--checkpoint", type=Path, help="default: the default architecture, untrained")
+    p.add_argument("--size", type=int, nargs=2, default=(288, 384), help="input size of the untrained model")
+    p.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--wait-ms", type=float, default=5.0)
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--no-litserve", action="store_true")
+    p.add_argument("--no-record", action="store_true")
+    args = p.parse_args()
+    levels = (1, 4, 16)
+    images = [f.read_bytes() for f in sorted((args.data / "images").iterdir())[:32]]
+    tmp = Path(tempfile.mkdtemp())
+    ckpt = args.checkpoint or untrained_checkpoint(args.data, tuple(args.size), tmp / "bench.safetensors")
+
+    raw = raw_forward(ckpt, images, args.batch)
+    print(f"raw: {raw}", flush=True)
+    base = f"http://127.0.0.1:{args.port}"
+    ours = run_server([sys.executable, "-m", "service"], {
+        "SEGMENT_CHECKPOINT": str(ckpt), "SEGMENT_PORT": str(args.port), "SEGMENT_MAX_BATCH_SIZE": str(args.batch),
+        "SEGMENT_MAX_BATCH_WAIT_MS": str(args.wait_ms), "SEGMENT_LOG_LEVEL": "warning"},
+        f"{base}/ready", f"{base}/segment", images, levels, args.requests)
+    print(f"ours: {ours}", flush=True)
+    lit = None
+    if not args.no_litserve:
+        lit = run_server([sys.executable, str(ROOT / "bench" / "litserve_app.py"), str(ckpt), str(args.port + 1),
+                          str(args.batch), str(args.wait_ms)], {},
+                         f"http://127.0.0.1:{args.port + 1}/health", f"http://127.0.0.1:{args.port + 1}/segment",
+                         images, levels, args.requests)
+        print(f"litserve: {lit}", flush=True)
+
+    limit = raw[f"forward_b{args.batch}"]
+    rows = ["| server | concurrency | images/s | p50 ms | p95 ms | p99 ms | vs raw batched forward | vs LitServe |",
+            "|---|---|---|---|---|---|---|---|"]
+    for name, res in (("ours", ours), ("LitServe", lit)):
+        for c, r in (res or {}).items():
+            vs_lit = f"{r['rps'] / lit[c]['rps']:.2f}×" if lit and name == "ours" else ""
+            rows.append(f"| {name} | {c} | {r['rps']:.2f} | {r['p50']:.0f} | {r['p95']:.0f} | {r['p99']:.0f} | "
+                        f"{r['rps'] / limit:.2f}× | {vs_lit} |")
+    summary = (f"raw forward: {raw['forward_b1']:.2f} images/s at batch 1, {limit:.2f} at batch {args.batch}; "
+               f"decode + single forward {raw['decode_forward_ms']:.0f} ms. Ours at concurrency 16: "
+               f"{ours[16]['rps'] / limit:.2f}× raw batched forward; p50 at concurrency 1: "
+               f"{ours[1]['p50'] / raw['decode_forward_ms']:.2f}× decode + single forward.")
+    table = "\n".join(rows)
+    print(table + "\n" + summary)
+    if not args.no_record:
+        cmd = "python bench/serve.py " + " ".join(sys.argv[1:])
+        with (ROOT / "BENCHMARKS.md").open("a") as f:
+            f.write(f"\n### Serving — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC\n\n`{cmd}` — {args.requests} requests per "
+                    f"level, CamVid 480×360 PNGs, max batch {args.batch}, wait {args.wait_ms} ms, "
+                    f"{platform.machine()} CPU ({torch.get_num_threads()} threads), torch {torch.__version__}.\n\n"
+                    f"{table}\n\n{summary}\n")
+
+
+if __name__ == "__main__":
+    main()
