@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Annotated
 
@@ -63,6 +65,11 @@ def get_predictor(state: Annotated[State, Depends(get_state)]) -> Predictor:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     state = State(settings)
+    codec = ThreadPoolExecutor(settings.codec_threads or max(1, (os.cpu_count() or 2) // 2),
+                               thread_name_prefix="codec")
+
+    async def in_codec(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(codec, fn, *args)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -77,6 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         state.ready = False
         await state.batcher.drain()
+        codec.shutdown(wait=True)
 
     app = FastAPI(title="CamVid segmentation", version="0.1.0", lifespan=lifespan,
                   description="U-Net street-scene segmentation. `POST /segment` with an image; get a colour-coded "
@@ -116,7 +124,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                       overlay: Annotated[bool, Query(description="add a JPEG overlay")] = False):
         t0 = time.perf_counter()
         data = await read_image_field(request, settings.max_upload_bytes)
-        image, tensor = await asyncio.to_thread(_decode_and_preprocess, data, settings.max_pixels, predictor)
+        image, tensor = await in_codec(_decode_and_preprocess, data, settings.max_pixels, predictor)
         t1 = time.perf_counter()
         try:
             result, job = await asyncio.wait_for(state.batcher.submit(tensor, (image.height, image.width)),
@@ -129,7 +137,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                          "overloaded, retry later")
         t2 = time.perf_counter()
         classes = predictor.meta.classes
-        png, over = await asyncio.to_thread(_encode, image, result.mask, classes, overlay, settings.overlay_alpha)
+        png, over = await in_codec(_encode, image, result.mask, classes, overlay, settings.overlay_alpha)
         t3 = time.perf_counter()
         if "image/png" in request.headers.get("accept", "") and "application/json" not in request.headers.get(
                 "accept", ""):

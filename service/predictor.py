@@ -41,13 +41,17 @@ def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 
 def upsample_argmax(logits: torch.Tensor, height: int, width: int, void_index: int | None,
-                    rows_per_strip: int = 256) -> torch.Tensor:
-    """Bilinear-resize (C, h, w) logits to (height, width) and take the argmax, a strip of rows at a time,
-    so a 40-megapixel upload never holds C full-size float planes (same maths as F.interpolate)."""
+                    rows_per_strip: int = 256, max_direct: int = 1 << 26) -> torch.Tensor:
+    """Bilinear-resize (C, h, w) logits to (height, width) and take the argmax. Up to `max_direct` output
+    values in one go; beyond, a strip of rows at a time, so a 40-megapixel upload never holds C full-size
+    float planes (the same maths as F.interpolate)."""
     logits = logits.float()
     if void_index is not None:
         logits[void_index] = torch.finfo(logits.dtype).min
     c, h, w = logits.shape
+    if c * height * width <= max_direct:
+        full = F.interpolate(logits[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+        return full.argmax(0).to(torch.uint8)
     wide = F.interpolate(logits[None], size=(h, width), mode="bilinear", align_corners=False)[0]  # (C, h, W)
     ys = ((torch.arange(height, device=logits.device) + 0.5) * (h / height) - 0.5).clamp(min=0)
     i0 = ys.floor().long().clamp(max=h - 1)

@@ -114,8 +114,9 @@ def test_strip_upsampling_equals_f_interpolate():
     for h, w in [(100, 37), (9, 13), (4, 5), (1000, 3)]:
         ref = F.interpolate(logits[None], size=(h, w), mode="bilinear", align_corners=False)[0]
         ref[2] = torch.finfo(ref.dtype).min
-        got = upsample_argmax(logits.clone(), h, w, void_index=2, rows_per_strip=7)
+        got = upsample_argmax(logits.clone(), h, w, void_index=2, rows_per_strip=7, max_direct=0)
         assert got.shape == (h, w) and (got == ref.argmax(0)).float().mean() > 0.999
+        assert torch.equal(upsample_argmax(logits.clone(), h, w, void_index=2), ref.argmax(0).to(torch.uint8))
 
 
 @pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "I;16", "exif", "gif"])
