@@ -40,6 +40,18 @@ def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
     return {"auto": torch.float16, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
 
 
+def argmax_channels(x: torch.Tensor) -> torch.Tensor:
+    """(C, H, W) → (H, W) uint8 index of the largest channel (first on ties, as argmax). A running max over
+    channels reads memory in order; argmax(0) strides across planes and is 2-3x slower on CPUs."""
+    best = x[0].clone()
+    index = torch.zeros(x.shape[1:], dtype=torch.uint8, device=x.device)
+    for c in range(1, x.shape[0]):
+        better = x[c] > best
+        torch.where(better, x[c], best, out=best)
+        index.masked_fill_(better, c)
+    return index
+
+
 def upsample_argmax(logits: torch.Tensor, height: int, width: int, void_index: int | None,
                     rows_per_strip: int = 256, max_direct: int = 1 << 26) -> torch.Tensor:
     """Bilinear-resize (C, h, w) logits to (height, width) and take the argmax. Up to `max_direct` output
@@ -51,7 +63,7 @@ def upsample_argmax(logits: torch.Tensor, height: int, width: int, void_index: i
     c, h, w = logits.shape
     if c * height * width <= max_direct:
         full = F.interpolate(logits[None], size=(height, width), mode="bilinear", align_corners=False)[0]
-        return full.argmax(0).to(torch.uint8)
+        return argmax_channels(full)
     wide = F.interpolate(logits[None], size=(h, width), mode="bilinear", align_corners=False)[0]  # (C, h, W)
     ys = ((torch.arange(height, device=logits.device) + 0.5) * (h / height) - 0.5).clamp(min=0)
     i0 = ys.floor().long().clamp(max=h - 1)
@@ -61,7 +73,7 @@ def upsample_argmax(logits: torch.Tensor, height: int, width: int, void_index: i
     for y in range(0, height, rows_per_strip):
         s = slice(y, min(height, y + rows_per_strip))
         strip = wide[:, i0[s]] * (1 - a[:, s]) + wide[:, i1[s]] * a[:, s]  # (C, rows, W)
-        out[s] = strip.argmax(0).to(torch.uint8)
+        out[s] = argmax_channels(strip)
     return out
 
 

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from models.checkpoint import load_checkpoint, save_checkpoint
-from models.unet import predict_mask
+from models.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
+from models.classes import ClassSet, read_codes, read_label_colors
+from models.unet import UNet, UNetConfig, predict_mask
 from service.app import create_app
 from service.predictor import upsample_argmax
 from service.settings import Settings
@@ -26,11 +27,7 @@ IMAGE = sorted((CAMVID / "images").iterdir())[0]  # a real CamVid frame, 96x72
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from models.checkpoint import CheckpointMeta
-    from models.classes import ClassSet, read_codes, read_label_colors
-    from models.unet import UNet, UNetConfig
-
-    from .conftest import small_unet as make  # noqa: F401 (fixture body reused below)
+    """A small untrained U-Net whose input size (64x96) differs from the uploads', to exercise resizing."""
     classes = ClassSet.from_names(read_codes(CAMVID / "codes.txt"), read_label_colors(CAMVID / "label_colors.txt"))
     torch.manual_seed(0)
     config = UNetConfig("resnet18", classes.num_classes, (64, 32, 16, 16, 8))

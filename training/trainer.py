@@ -173,7 +173,7 @@ def fit(config: TrainConfig) -> dict:
         (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     history = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()] if state else []
     best = state["best"] if state else -math.inf
-    best_metrics = state and json.loads(state["best_metrics"]) or {}
+    best_metrics = json.loads(state["best_metrics"]) if state else {}
     start_phase, start_epoch = (state["phase"], state["epoch"] + 1) if state else (0, 0)
     global_epoch = sum(p.epochs for p in phases[:start_phase]) + start_epoch
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and not torch.cuda.is_bf16_supported() else None
