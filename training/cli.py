@@ -37,8 +37,8 @@ def cmd_train(a: argparse.Namespace) -> None:
         data=a.data, out=a.out, encoder=a.encoder, encoder_weights=a.encoder_weights, size=_size(a.size),
         epochs=a.epochs, freeze_epochs=a.freeze_epochs, progressive=a.progressive, bs=a.bs, lr=a.lr,
         encoder_lr_mult=a.encoder_lr_mult, weight_decay=a.wd, pct_start=a.pct_start,
-        class_weights=a.class_weights, device=a.device, workers=a.workers, seed=a.seed, run_dir=a.run_dir,
-        resume=a.resume, half=a.half, show_progress=not a.quiet)
+        class_weights=a.class_weights, decoder_channels=tuple(a.decoder_channels), device=a.device,
+        workers=a.workers, seed=a.seed, run_dir=a.run_dir, resume=a.resume, half=a.half, show_progress=not a.quiet)
     best = fit(config)
     if best:
         print(f"best: pixel_accuracy {best['pixel_accuracy']:.4f} mean_iou {best['mean_iou']:.4f} "
@@ -145,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--encoder", default="resnet34", help="any timm model, e.g. resnet34, tf_efficientnet_lite0")
     t.add_argument("--encoder-weights", default="imagenet", help="imagenet | none | PATH")
     t.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="training size (default: native)")
+    t.add_argument("--decoder-channels", type=int, nargs=5, default=[256, 128, 64, 32, 16], metavar="C",
+                   help="channels of the 5 decoder blocks, deepest first (smp.Unet's default)")
     t.add_argument("--epochs", type=int, default=20)
     t.add_argument("--freeze-epochs", type=int, help="epochs with a frozen encoder (default: a quarter)")
     t.add_argument("--no-progressive", dest="progressive", action="store_false",
