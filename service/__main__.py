@@ -3,18 +3,31 @@
 import sys
 
 import uvicorn
+from pydantic import ValidationError
 
 from models.checkpoint import CheckpointError, read_meta
 
+from .predictor import pick_device
 from .settings import Settings
 
 
 def main() -> int:
-    settings = Settings()
+    # Fail in one clear line, before uvicorn starts, on anything an operator set wrong.
     try:
-        read_meta(settings.checkpoint)  # fail in one clear line, before uvicorn starts
+        settings = Settings()
+    except ValidationError as e:
+        problems = "; ".join(f"SEGMENT_{'_'.join(map(str, x['loc'])).upper()}: {x['msg']}" for x in e.errors())
+        print(f"error: {problems}", file=sys.stderr)
+        return 2
+    try:
+        read_meta(settings.checkpoint)
     except CheckpointError as e:
         print(f"error: {e} (SEGMENT_CHECKPOINT)", file=sys.stderr)
+        return 2
+    try:
+        pick_device(settings.device)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     from .app import create_app
 

@@ -28,10 +28,15 @@ from .upload import read_image_field
 log = logging.getLogger("service")
 
 ERRORS = {s: {"model": ErrorBody} for s in (413, 415, 422, 503, 504)}
-UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-    "type": "object", "required": ["image"],
-    "properties": {"image": {"type": "string", "format": "binary",
-                             "description": "JPEG, PNG, WebP, BMP, TIFF or GIF; at most 20 MiB, 40 MP"}}}}}}}
+
+
+def upload_body(settings: Settings) -> dict:
+    """The OpenAPI request body: a multipart `image` file, with this instance's limits."""
+    limits = f"at most {settings.max_upload_bytes} bytes and {settings.max_pixels} pixels"
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["image"],
+        "properties": {"image": {"type": "string", "format": "binary",
+                                 "description": f"JPEG, PNG, WebP, BMP, TIFF or GIF; {limits}"}}}}}}}
 
 
 def hexcolor(rgb) -> str:
@@ -119,7 +124,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post("/segment", response_model=SegmentResponse, responses={
         **ERRORS, 200: {"content": {"image/png": {}}, "description": "JSON by default; the palette PNG itself "
                         "with `Accept: image/png` (counts in the X-Class-Pixels header)"}},
-        openapi_extra=UPLOAD_BODY)
+        openapi_extra=upload_body(settings))
     async def segment(request: Request, predictor: Annotated[Predictor, Depends(get_predictor)],
                       overlay: Annotated[bool, Query(description="add a JPEG overlay")] = False):
         t0 = time.perf_counter()

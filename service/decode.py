@@ -22,8 +22,8 @@ class DecodeError(ValueError):
 def _to_rgb(im: Image.Image) -> Image.Image:
     if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         # 16-bit grey: keep the top 8 bits (PIL's convert would clip everything above 255 to white)
-        arr = np.asarray(im).astype(np.uint32)
-        im = Image.fromarray((np.clip(arr, 0, 65535) >> 8).astype(np.uint8), mode="L")
+        arr = np.clip(np.asarray(im), 0, 65535).astype(np.uint32)  # clip first: mode I is signed
+        im = Image.fromarray((arr >> 8).astype(np.uint8), mode="L")
     elif im.mode == "F":
         arr = np.asarray(im)
         im = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L")
@@ -45,6 +45,8 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
                           f"the upload is not an image this service reads; send a {ACCEPTED} file") from None
     except Image.DecompressionBombError as e:
         raise DecodeError(413, "too_many_pixels", f"{e}; the limit is {max_pixels} pixels") from None
+    except (OSError, SyntaxError, ValueError) as e:  # a recognised format whose header is broken
+        raise DecodeError(422, "corrupt_image", f"the image header could not be read ({e})") from None
     if im.format not in ALLOWED_FORMATS:
         raise DecodeError(415, "unsupported_media_type",
                           f"{im.format} images are not accepted; send a {ACCEPTED} file")

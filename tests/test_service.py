@@ -243,6 +243,7 @@ def test_docs_and_openapi_show_the_upload(client):
     spec = client.get("/openapi.json").json()
     body = spec["paths"]["/segment"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert body["properties"]["image"]["format"] == "binary"
+    assert "at most 20971520 bytes and 40000000 pixels" in body["properties"]["image"]["description"]
 
 
 def test_bad_checkpoint_stops_startup_with_one_line(tmp_path):
@@ -252,6 +253,9 @@ def test_bad_checkpoint_stops_startup_with_one_line(tmp_path):
     done = subprocess.run([sys.executable, "-m", "service"], capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "too short to be a .safetensors checkpoint" in done.stderr
+    env["SEGMENT_PORT"] = "not-a-port"
+    done = subprocess.run([sys.executable, "-m", "service"], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "SEGMENT_PORT" in done.stderr
 
 
 def test_sigterm_finishes_every_accepted_request_then_exits(checkpoint):
