@@ -62,6 +62,28 @@ def test_evaluate_json_reproduces_the_recorded_validation_metrics(trained, capsy
     assert sum(confusion[i][i] for i in range(12)) / m["pixels"] == pytest.approx(m["pixel_accuracy"])
 
 
+def test_init_fine_tunes_a_trained_model_with_dice(trained, tmp_path, capsys):
+    out, run_dir, _ = trained
+    # --init at lr ~0 starts from the source's skill (only BatchNorm statistics move), not from scratch.
+    assert main(["evaluate", "--data", str(CAMVID), "--checkpoint", str(out), "--json", "--workers", "0"]) == 0
+    source = json.loads(capsys.readouterr().out)
+    config = TrainConfig(data=CAMVID, out=tmp_path / "ft.safetensors", run_dir=tmp_path / "ft", epochs=1,
+                         lr=1e-12, init=out, dice=1.0, size=(72, 96), **SMALL)
+    fit(config)
+    h = history(tmp_path / "ft")
+    assert [r["phase"] for r in h] == ["unfrozen"]  # a fine-tuned decoder needs no frozen warm-up
+    assert h[0]["pixel_accuracy"] > source["pixel_accuracy"] - 0.05
+    assert h[0]["pixel_accuracy"] > history(run_dir)[0]["pixel_accuracy"] + 0.15
+    meta = load_checkpoint(tmp_path / "ft.safetensors").meta
+    assert meta.train["init"] == str(out) and meta.train["dice"] == 1.0
+
+    wide = ["train", "--data", str(CAMVID), "--out", str(tmp_path / "x.safetensors"), "--init", str(out),
+            "--encoder", "tf_efficientnet_lite0", "--epochs", "1", "--workers", "0", "--quiet"]
+    assert main(wide) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--init checkpoint" in err and "--decoder-channels" in err
+
+
 def test_resume_continues_exactly_where_a_crash_stopped(tmp_path, monkeypatch):
     config = TrainConfig(data=CAMVID, out=tmp_path / "a.safetensors", run_dir=tmp_path / "a", epochs=3,
                          freeze_epochs=1, lr=1e-2, **SMALL)

@@ -37,7 +37,8 @@ def cmd_train(a: argparse.Namespace) -> None:
         data=a.data, out=a.out, encoder=a.encoder, encoder_weights=a.encoder_weights, size=_size(a.size),
         epochs=a.epochs, freeze_epochs=a.freeze_epochs, progressive=a.progressive, bs=a.bs, lr=a.lr,
         encoder_lr_mult=a.encoder_lr_mult, weight_decay=a.wd, pct_start=a.pct_start,
-        class_weights=a.class_weights, decoder_channels=tuple(a.decoder_channels), device=a.device,
+        class_weights=a.class_weights, dice=a.dice, init=a.init, decoder_channels=tuple(a.decoder_channels),
+        device=a.device,
         workers=a.workers, seed=a.seed, run_dir=a.run_dir, resume=a.resume, half=a.half, show_progress=not a.quiet)
     best = fit(config)
     if best:
@@ -156,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--wd", type=float, default=1e-2, help="AdamW weight decay")
     t.add_argument("--pct-start", type=float, default=0.3, help="fraction of each cycle spent warming up")
     t.add_argument("--class-weights", default="none", choices=["none", "median-freq"])
+    t.add_argument("--dice", type=float, default=0.0, metavar="W",
+                   help="add W x soft Dice to cross-entropy: raises thin classes' IoU (try 1.0)")
+    t.add_argument("--init", type=Path, metavar="CHECKPOINT",
+                   help="start from a trained checkpoint's weights (fine-tuning; same encoder, decoder, classes); "
+                        "no frozen phase unless --freeze-epochs says so")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--run-dir", type=Path, help="logs, last checkpoint, resume state (default runs/<out stem>)")
     t.add_argument("--resume", action="store_true", help="continue the run in --run-dir")

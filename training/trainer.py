@@ -23,12 +23,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
-from models.checkpoint import CheckpointMeta, save_checkpoint
+from models.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from models.encoders import check_encoder_name, normalization
 from models.unet import UNet, UNetConfig, build_unet
 
 from .data import CamVidFolder, SegmentationDataset, collate, image_size, open_folder
 from .engine import Dist, evaluate, resolve_device, train_one_epoch
+from .losses import SegmentationLoss
 from .transforms import eval_transforms, half_size, train_transforms
 from .viz import plot_curves
 
@@ -36,7 +37,8 @@ log = logging.getLogger(__name__)
 
 # Settings a resumed run takes from its saved state, not from the command line.
 HYPERPARAMS = ("encoder", "encoder_weights", "size", "epochs", "freeze_epochs", "progressive", "bs", "lr",
-               "encoder_lr_mult", "weight_decay", "pct_start", "class_weights", "seed", "decoder_channels")
+               "encoder_lr_mult", "weight_decay", "pct_start", "class_weights", "seed", "decoder_channels",
+               "dice", "init")
 
 
 @dataclass
@@ -55,6 +57,8 @@ class TrainConfig:
     weight_decay: float = 1e-2
     pct_start: float = 0.3
     class_weights: str = "none"  # none | median-freq
+    dice: float = 0.0  # weight of the soft Dice term added to cross-entropy
+    init: Path | None = None  # start from this checkpoint's weights (fine-tuning) instead of the encoder's
     decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)
     device: str = "auto"
     workers: int = 2
@@ -77,7 +81,7 @@ class Phase:
 
 
 def plan(config: TrainConfig, size: tuple[int, int]) -> list[Phase]:
-    pretrained = config.encoder_weights != "none"
+    pretrained = config.encoder_weights != "none" and not config.init  # a fine-tuned decoder needs no warm-up
     frozen = config.freeze_epochs if config.freeze_epochs is not None else (
         max(1, round(config.epochs / 4)) if pretrained and config.epochs > 1 else 0)
     if not 0 <= frozen <= config.epochs:
@@ -88,6 +92,18 @@ def plan(config: TrainConfig, size: tuple[int, int]) -> list[Phase]:
     if config.epochs - frozen:
         phases.append(Phase("unfrozen", config.epochs - frozen, size, False))
     return phases
+
+
+def init_from(model: UNet, net_config: UNetConfig, classes, path: Path) -> None:
+    """Copy every weight of a compatible checkpoint into `model` (fine-tuning a trained model)."""
+    source = load_checkpoint(path)
+    if json.dumps(source.meta.model.to_dict()) != json.dumps(net_config.to_dict()):
+        raise ValueError(f"{path}: --init checkpoint is a {source.meta.model} model, but this run builds "
+                         f"{net_config}; pass the same --encoder/--decoder-channels, on data with the same classes")
+    if list(source.meta.classes.names) != list(classes.names):
+        raise ValueError(f"{path}: --init checkpoint has classes {list(source.meta.classes.names)}, the data has "
+                         f"{list(classes.names)}; --init needs the same class list in the same order")
+    model.load_state_dict(source.model.state_dict())
 
 
 def set_encoder_frozen(model: UNet, frozen: bool) -> None:
@@ -135,7 +151,7 @@ def _load_state(run_dir: Path, config: TrainConfig, fingerprint: dict) -> tuple[
         raise ValueError(f"{path}: the run was started on other data ({state['fingerprint']['files']} files, "
                          f"now {fingerprint['files']}); resume on the same folder or start a new --run-dir")
     saved = json.loads(state["config"])
-    changes = {k: saved[k] for k in HYPERPARAMS}
+    changes = {k: saved[k] for k in HYPERPARAMS if k in saved}  # runs saved before a setting existed keep its default
     changes["size"] = tuple(changes["size"]) if changes["size"] else None
     changes["decoder_channels"] = tuple(changes["decoder_channels"])
     return dataclasses.replace(config, **changes), state
@@ -160,13 +176,15 @@ def fit(config: TrainConfig) -> dict:
     mean, std = normalization(config.encoder)
     torch.manual_seed(config.seed)
     net_config = UNetConfig(config.encoder, folder.classes.num_classes, tuple(config.decoder_channels))
-    model = build_unet(net_config, "none" if state else config.encoder_weights).to(device)
+    model = build_unet(net_config, "none" if state or config.init else config.encoder_weights).to(device)
+    if config.init and not state:
+        init_from(model, net_config, folder.classes, Path(config.init))
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     if state:
         model.load_state_dict(state["model"])
     weight = folder.class_weights().to(device) if config.class_weights == "median-freq" else None
-    loss_fn = nn.CrossEntropyLoss(weight=weight, ignore_index=folder.classes.ignore_index)
+    loss_fn = SegmentationLoss(folder.classes.num_classes, folder.classes.ignore_index, weight, config.dice)
     names = list(folder.classes.names)
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
