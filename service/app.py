@@ -128,15 +128,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def segment(request: Request, predictor: Annotated[Predictor, Depends(get_predictor)],
                       overlay: Annotated[bool, Query(description="add a JPEG overlay")] = False):
         t0 = time.perf_counter()
-        data = await read_image_field(request, settings.max_upload_bytes)
-        image, tensor = await in_codec(_decode_and_preprocess, data, settings.max_pixels, predictor)
-        t1 = time.perf_counter()
         try:
-            result, job = await asyncio.wait_for(state.batcher.submit(tensor, (image.height, image.width)),
-                                                 settings.request_timeout_s)
+            with state.batcher.arriving():  # a forming batch waits for this request while it is on its way
+                data = await read_image_field(request, settings.max_upload_bytes)
+                image, tensor = await in_codec(_decode_and_preprocess, data, settings.max_pixels, predictor)
+                job = state.batcher.enqueue(tensor, (image.height, image.width))
         except QueueFull:
             return error(503, "overloaded", f"{settings.queue_size} requests are already waiting; retry shortly",
                          {"Retry-After": "1"})
+        t1 = time.perf_counter()
+        try:
+            result = await asyncio.wait_for(job.future, settings.request_timeout_s)
         except TimeoutError:
             return error(504, "timeout", f"no result within {settings.request_timeout_s}s; the service is "
                                          "overloaded, retry later")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -34,23 +36,43 @@ class Batcher:
         # One thread owns the device: forward passes never overlap and never block the event loop.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self.task: asyncio.Task | None = None
+        self.incoming = 0  # requests being uploaded or decoded: they will join the queue soon
 
     def start(self) -> None:
         self.task = asyncio.create_task(self._run(), name="batcher")
 
-    async def submit(self, tensor: torch.Tensor, size: tuple[int, int]) -> tuple[Prediction, Job]:
+    @contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Wrap a request's upload and decode: while any is on its way, a forming batch waits for it."""
+        self.incoming += 1
+        try:
+            yield
+        finally:
+            self.incoming -= 1
+
+    def enqueue(self, tensor: torch.Tensor, size: tuple[int, int]) -> Job:
+        """Queue one preprocessed image; its result arrives on `job.future`. Raises QueueFull."""
         job = Job(tensor, size, asyncio.get_running_loop().create_future())
         try:
             self.queue.put_nowait(job)
         except asyncio.QueueFull:
             raise QueueFull from None
         QUEUE_DEPTH.set(self.queue.qsize())
+        return job
+
+    async def submit(self, tensor: torch.Tensor, size: tuple[int, int]) -> tuple[Prediction, Job]:
+        job = self.enqueue(tensor, size)
         return await job.future, job
 
     async def _gather(self) -> list[Job]:
+        """Up to max_batch_size jobs. The batch waits (at most max_wait) only while more requests are
+        queued or on their way; a lone request goes straight to the device, so waiting never costs latency
+        at low load."""
         jobs = [await self.queue.get()]
         deadline = time.perf_counter() + self.max_wait
         while len(jobs) < self.max_batch_size:
+            if self.queue.empty() and self.incoming == 0:
+                break
             timeout = deadline - time.perf_counter()
             try:
                 jobs.append(self.queue.get_nowait() if timeout <= 0 else

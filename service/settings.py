@@ -19,7 +19,8 @@ class Settings(BaseSettings):
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
         "auto", description="auto: fp16 on CUDA, fp32 on CPU; half precision applies on CUDA only")
     max_batch_size: int = Field(8, ge=1, le=256, description="most images in one forward pass")
-    max_batch_wait_ms: float = Field(5.0, ge=0, description="how long the worker waits to fill a batch")
+    max_batch_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits for more requests, "
+                                    "only while others are queued or being uploaded")
     queue_size: int = Field(64, ge=1, description="requests waiting for the model; beyond it: 503")
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="request body cap (413 beyond)")
     max_pixels: int = Field(40_000_000, ge=1, description="image pixel cap, checked before decoding (413)")

@@ -224,6 +224,14 @@ def test_concurrent_requests_are_batched(checkpoint):
         assert "segment_batch_size_bucket" in metrics and "segment_queue_depth" in metrics
 
 
+def test_a_lone_request_does_not_wait_for_a_batch(checkpoint):
+    # A 3-second batch window only applies while other requests are queued or uploading: alone, a request
+    # goes straight to the model.
+    with make_client(checkpoint, max_batch_wait_ms=3000) as c:
+        r = post(c, IMAGE.read_bytes())
+        assert r.status_code == 200 and r.json()["timings_ms"]["queue"] < 1000
+
+
 def test_full_queue_answers_503_with_retry_after_and_a_stalled_request_504(checkpoint):
     with make_client(checkpoint, queue_size=1, request_timeout_s=1.0) as c:
         c.app.state.segment.batcher.task.cancel()  # the device stalls: nothing leaves the queue
@@ -281,15 +289,28 @@ def test_sigterm_finishes_every_accepted_request_then_exits(checkpoint):
                 time.sleep(0.25)
         png = IMAGE.read_bytes()
         results = []
+        boundary = "sl0w"
 
-        def send():
-            r = httpx.post(f"{base}/segment", files={"image": ("x.png", png)}, timeout=30)
+        def slow_body():  # an upload still arriving when SIGTERM lands
+            yield f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x.png\"\r\n\r\n".encode()
+            for i in range(0, len(png), len(png) // 6 + 1):
+                time.sleep(0.2)
+                yield png[i:i + len(png) // 6 + 1]
+            yield f"\r\n--{boundary}--\r\n".encode()
+
+        def send(slow=False):
+            if slow:
+                r = httpx.post(f"{base}/segment", content=slow_body(), timeout=30,
+                               headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+            else:
+                r = httpx.post(f"{base}/segment", files={"image": ("x.png", png)}, timeout=30)
             results.append((r.status_code, sum(c["pixels"] for c in r.json()["classes"])))
 
-        threads = [threading.Thread(target=send) for _ in range(3)]
+        threads = [threading.Thread(target=send, args=(slow,)) for slow in (True, False, False)]
         for t in threads:
             t.start()
-        time.sleep(0.7)  # accepted and waiting in the batcher (it waits up to 1.5 s to fill a batch)
+        # The two quick requests wait in the batcher (up to 1.5 s) for the slow one that is still uploading.
+        time.sleep(0.6)
         proc.send_signal(signal.SIGTERM)
         for t in threads:
             t.join()
