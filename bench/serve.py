@@ -39,6 +39,12 @@ from service.decode import decode_image  # noqa: E402
 from service.predictor import Predictor  # noqa: E402
 
 
+def hardware(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.machine()} CPU ({torch.get_num_threads()} threads)"
+
+
 def untrained_checkpoint(data: Path, size: tuple[int, int], path: Path) -> Path:
     """Speed does not depend on the weights: the default architecture with random weights will do."""
     classes = ClassSet.from_names(read_codes(data / "codes.txt"))
@@ -49,22 +55,26 @@ def untrained_checkpoint(data: Path, size: tuple[int, int], path: Path) -> Path:
 
 def raw_forward(checkpoint: Path, images: list[bytes], batch: int, seconds: float = 8.0) -> dict:
     """The limit: model forward alone at batch 1 and at the server's max batch; and decode + single forward."""
-    p = Predictor.load(checkpoint, "cpu")
-    x1 = p.preprocess(decode_image(images[0], 10**9))[None]
+    p = Predictor.load(checkpoint, "auto")  # the device the server picks
+    sync = torch.cuda.synchronize if p.device.type == "cuda" else (lambda: None)
+    x1 = p.preprocess(decode_image(images[0], 10**9))[None].to(p.device, p.dtype)
     xb = x1.repeat(batch, 1, 1, 1)
     out = {}
     with torch.inference_mode():
-        for name, x in (("forward_b1", x1), (f"forward_b{batch}", xb)):
+        for name, x in {"forward_b1": x1, f"forward_b{batch}": xb}.items():
             p.model(x)
+            sync()
             n, t0 = 0, time.perf_counter()
             while time.perf_counter() - t0 < seconds:
                 p.model(x)
                 n += len(x)
+            sync()
             out[name] = n / (time.perf_counter() - t0)  # images/s
         times = []
         for data in images[:20]:
             t0 = time.perf_counter()
-            p.model(p.preprocess(decode_image(data, 10**9))[None])
+            p.model(p.preprocess(decode_image(data, 10**9))[None].to(p.device, p.dtype))
+            sync()
             times.append(time.perf_counter() - t0)
     out["decode_forward_ms"] = statistics.median(times) * 1000
     return out
@@ -122,7 +132,7 @@ def main() -> None:
     p.add_argument("--checkpoint", type=Path, help="default: the default architecture, untrained")
     p.add_argument("--size", type=int, nargs=2, default=(288, 384), help="input size of the untrained model")
     p.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--batch", type=int, default=0, help="max batch; 0: the service's default (16 CUDA, 1 CPU)")
     p.add_argument("--wait-ms", type=float, default=5.0)
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--no-litserve", action="store_true")
@@ -133,6 +143,8 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     ckpt = args.checkpoint or untrained_checkpoint(args.data, tuple(args.size), tmp / "bench.safetensors")
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.batch = args.batch or (16 if device == "cuda" else 1)
     raw = raw_forward(ckpt, images, args.batch)
     print(f"raw: {raw}", flush=True)
     base = f"http://127.0.0.1:{args.port}"
@@ -168,7 +180,7 @@ def main() -> None:
         with (ROOT / "BENCHMARKS.md").open("a") as f:
             f.write(f"\n### Serving — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC\n\n`{cmd}` — {args.requests} requests per "
                     f"level, CamVid 480×360 PNGs, max batch {args.batch}, wait {args.wait_ms} ms, "
-                    f"{platform.machine()} CPU ({torch.get_num_threads()} threads), torch {torch.__version__}.\n\n"
+                    f"{hardware(device)}, torch {torch.__version__}.\n\n"
                     f"{table}\n\n{summary}\n")
 
 

@@ -79,13 +79,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         predictor = await asyncio.to_thread(Predictor.load, settings.checkpoint, settings.device, settings.precision)
-        seconds = await asyncio.to_thread(predictor.warmup, settings.warmup_passes, settings.max_batch_size)
+        batch_size = settings.batch_size_for(predictor.device)
+        seconds = await asyncio.to_thread(predictor.warmup, settings.warmup_passes, batch_size)
         state.predictor = predictor
-        state.batcher = Batcher(predictor, settings.max_batch_size, settings.max_batch_wait_ms, settings.queue_size)
+        state.batcher = Batcher(predictor, batch_size, settings.max_batch_wait_ms, settings.queue_size)
         state.batcher.start()
         state.ready = True
-        log.info("serving %s on %s (%s), warm-up %.2fs", settings.checkpoint, predictor.device,
-                 str(predictor.dtype).removeprefix("torch."), seconds)
+        log.info("serving %s on %s (%s, batches of up to %d), warm-up %.2fs", settings.checkpoint, predictor.device,
+                 str(predictor.dtype).removeprefix("torch."), batch_size, seconds)
         yield
         state.ready = False
         await state.batcher.drain()

@@ -61,6 +61,8 @@ def upsample_argmax(logits: torch.Tensor, height: int, width: int, void_index: i
     if void_index is not None:
         logits[void_index] = torch.finfo(logits.dtype).min
     c, h, w = logits.shape
+    if (h, w) == (height, width):  # served at its input size: nothing to resize
+        return argmax_channels(logits)
     if c * height * width <= max_direct:
         full = F.interpolate(logits[None], size=(height, width), mode="bilinear", align_corners=False)[0]
         return argmax_channels(full)
@@ -102,7 +104,8 @@ class Predictor:
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """RGB image → (3, H, W) normalised float at the checkpoint's input size (CPU, any thread)."""
         x = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
-        x = TF.resize(x, list(self.meta.input_size), antialias=True)
+        if tuple(x.shape[1:]) != tuple(self.meta.input_size):
+            x = TF.resize(x, list(self.meta.input_size), antialias=True)
         return (x.float() / 255.0 - self.mean) / self.std
 
     @torch.inference_mode()

@@ -62,6 +62,24 @@ def test_evaluate_json_reproduces_the_recorded_validation_metrics(trained, capsy
     assert sum(confusion[i][i] for i in range(12)) / m["pixels"] == pytest.approx(m["pixel_accuracy"])
 
 
+def test_export_rescores_at_the_serving_size_and_stores_fp16(trained, tmp_path, capsys):
+    out, _, _ = trained
+    assert load_checkpoint(out).meta.input_size != (60, 80)
+    assert main(["evaluate", "--data", str(CAMVID), "--checkpoint", str(out), "--size", "60", "80", "--json",
+                 "--workers", "0"]) == 0
+    at_size = json.loads(capsys.readouterr().out)
+    assert at_size["input_size"] == [60, 80]
+    served = tmp_path / "serve.safetensors"
+    assert main(["export", "--data", str(CAMVID), "--checkpoint", str(out), "--out", str(served),
+                 "--size", "60", "80", "--half", "--workers", "0"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    meta = load_checkpoint(served).meta
+    assert meta.input_size == (60, 80)
+    assert meta.metrics["mean_iou"] == pytest.approx(at_size["mean_iou"], abs=1e-3)  # fp16 weights, same score
+    assert meta.metrics["split"] == "valid" and meta.train == load_checkpoint(out).meta.train
+    assert served.stat().st_size < 0.6 * out.stat().st_size
+
+
 def test_init_fine_tunes_a_trained_model_with_dice(trained, tmp_path, capsys):
     out, run_dir, _ = trained
     # --init at lr ~0 starts from the source's skill (only BatchNorm statistics move), not from scratch.

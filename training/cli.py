@@ -1,8 +1,9 @@
-"""`python -m training {train,evaluate,lr-find,show,download}`: a thin layer over importable functions."""
+"""`python -m training {train,evaluate,export,lr-find,show,download}`: a thin layer over importable functions."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -12,7 +13,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from models.checkpoint import CheckpointError, load_checkpoint
+from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from models.classes import ClassFileError
 from models.encoders import EncoderWeightsError, normalization
 from models.unet import UNetConfig, build_unet, predict_mask
@@ -56,29 +57,57 @@ def _jsonable(x):
     return x
 
 
-def cmd_evaluate(a: argparse.Namespace) -> None:
-    device = resolve_device(a.device)
-    ckpt = load_checkpoint(a.checkpoint, device)
+def _score(a: argparse.Namespace, ckpt, device, input_size: tuple[int, int], show: bool) -> dict:
+    """Metrics of `ckpt` on `a.split` of `a.data`, predicting at `input_size` and scoring at label size."""
     meta = ckpt.meta
     folder = open_folder(a.data)
     if list(folder.classes.names) != list(meta.classes.names):
         raise DataError(f"{a.data}: classes {list(folder.classes.names)} differ from the checkpoint's "
                         f"{list(meta.classes.names)}")
-    ds = SegmentationDataset(folder.pairs(a.split), eval_transforms(meta.input_size, meta.mean, meta.std))
+    ds = SegmentationDataset(folder.pairs(a.split), eval_transforms(input_size, meta.mean, meta.std))
     loader = torch.utils.data.DataLoader(ds, batch_size=a.bs, num_workers=a.workers, collate_fn=collate)
     m = evaluate(ckpt.model, loader, meta.classes.num_classes, meta.classes.ignore_index, meta.classes.void_index,
-                 device, list(meta.classes.names), show=not a.json)
-    m.update(split=a.split, images=len(ds), checkpoint=str(a.checkpoint))
+                 device, list(meta.classes.names), show=show)
+    m.update(split=a.split, images=len(ds), input_size=list(input_size))
+    return m
+
+
+def cmd_evaluate(a: argparse.Namespace) -> None:
+    device = resolve_device(a.device)
+    ckpt = load_checkpoint(a.checkpoint, device)
+    m = _score(a, ckpt, device, _size(a.size) or ckpt.meta.input_size, show=not a.json)
+    m.update(checkpoint=str(a.checkpoint))
     if a.json:
         print(json.dumps(_jsonable(m)))
         return
-    print(f"{a.split}: {len(ds)} images, {m['pixels']} labelled pixels (void excluded)")
+    _print_metrics(m)
+
+
+def _print_metrics(m: dict) -> None:
+    size = "x".join(map(str, m["input_size"]))
+    print(f"{m['split']}: {m['images']} images at input {size}, {m['pixels']} labelled pixels (void excluded)")
     print(f"pixel accuracy {m['pixel_accuracy']:.4f}   mean IoU {m['mean_iou']:.4f}   "
           f"mean class accuracy {m['mean_class_accuracy']:.4f}")
     print(f"{'class':<16}{'IoU':>8}{'acc':>8}")
     for name, iou in m["per_class_iou"].items():
         acc = m["per_class_accuracy"][name]
         print(f"{name:<16}{iou:>8.4f}{acc:>8.4f}")
+
+
+def cmd_export(a: argparse.Namespace) -> None:
+    """Promote a checkpoint to a serving model: choose its input size, re-score it there, store the result."""
+    device = resolve_device(a.device)
+    ckpt = load_checkpoint(a.checkpoint, device)
+    size = _size(a.size) or ckpt.meta.input_size
+    m = _score(a, ckpt, device, size, show=False)
+    kept = {k: m[k] for k in ("pixel_accuracy", "mean_iou", "mean_class_accuracy", "per_class_iou",
+                              "per_class_accuracy", "loss")}
+    kept.update(epoch=ckpt.meta.metrics.get("epoch"), split=a.split, images=m["images"])
+    meta = dataclasses.replace(ckpt.meta, input_size=tuple(size), metrics=_jsonable(kept))
+    save_checkpoint(a.out, ckpt.model.cpu(), meta, half=a.half)
+    _print_metrics(m)
+    print(f"wrote {a.out} (input size {size[0]}x{size[1]}, {'fp16' if a.half else 'fp32'} weights, "
+          f"{a.out.stat().st_size / 1e6:.1f} MB)")
 
 
 def cmd_lr_find(a: argparse.Namespace) -> None:
@@ -173,8 +202,21 @@ def build_parser() -> argparse.ArgumentParser:
     common(e)
     e.add_argument("--checkpoint", type=Path, required=True)
     e.add_argument("--split", default="valid", choices=["train", "valid", "test", "all"])
+    e.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
+                   help="predict at this input size instead of the checkpoint's")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(func=cmd_evaluate)
+
+    x = sub.add_parser("export", help="write a serving checkpoint: pick its input size, re-score it, store fp16")
+    common(x)
+    x.add_argument("--checkpoint", type=Path, required=True)
+    x.add_argument("--out", type=Path, required=True)
+    x.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
+                   help="input size the service resizes uploads to (default: the checkpoint's); the metrics "
+                        "stored are measured at this size")
+    x.add_argument("--split", default="valid", choices=["train", "valid", "test", "all"])
+    x.add_argument("--half", action="store_true", help="store fp16 weights (half the file size)")
+    x.set_defaults(func=cmd_export)
 
     lf = sub.add_parser("lr-find", help="LR range test: writes a plot, prints a suggestion")
     common(lf)
