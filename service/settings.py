@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "camvid.safetensors"
 
@@ -21,9 +23,6 @@ class Settings(BaseSettings):
         "auto", description="auto: fp16 on CUDA, fp32 on CPU; half precision applies on CUDA only")
     max_batch_size: int = Field(0, ge=0, le=256, description="most images in one forward pass; 0: 16 on CUDA, 1 "
                                 "on CPU (CPU convolutions run slower per image in bigger batches)")
-
-    def batch_size_for(self, device: torch.device) -> int:
-        return self.max_batch_size or (16 if device.type == "cuda" else 1)
     max_batch_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits for more requests, "
                                     "only while others are queued or being uploaded")
     queue_size: int = Field(64, ge=1, description="requests waiting for the model; beyond it: 503")
@@ -38,3 +37,6 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    def batch_size_for(self, device: torch.device) -> int:
+        return self.max_batch_size or (16 if device.type == "cuda" else 1)

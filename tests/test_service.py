@@ -287,6 +287,9 @@ def test_sigterm_finishes_every_accepted_request_then_exits(checkpoint):
                     break
             except httpx.HTTPError:
                 time.sleep(0.25)
+        # the container's health probe (Docker HEALTHCHECK) sees the live server
+        probe = subprocess.run([sys.executable, "-m", "service.healthcheck"], env=env, timeout=30)
+        assert probe.returncode == 0
         png = IMAGE.read_bytes()
         results = []
         boundary = "sl0w"
