@@ -9,11 +9,13 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -28,6 +30,9 @@ from .upload import read_image_field
 log = logging.getLogger("service")
 
 ERRORS = {s: {"model": ErrorBody} for s in (413, 415, 422, 503, 504)}
+
+
+DEMO_PAGE = (Path(__file__).parent / "static" / "index.html").read_text()
 
 
 def upload_body(settings: Settings) -> dict:
@@ -92,9 +97,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await state.batcher.drain()
         codec.shutdown(wait=True)
 
-    app = FastAPI(title="CamVid segmentation", version="0.1.0", lifespan=lifespan,
-                  description="U-Net street-scene segmentation. `POST /segment` with an image; get a colour-coded "
-                              "palette-PNG mask and per-class pixel counts.")
+    # FastAPIOffline: /docs and /redoc served with their assets from the package, not from a CDN, so the
+    # docs page works on hosts without internet access.
+    app = FastAPIOffline(title="CamVid segmentation", version="0.1.0", lifespan=lifespan,
+                         description="U-Net street-scene segmentation. `POST /segment` with an image; get a "
+                                     "colour-coded palette-PNG mask and per-class pixel counts. A demo page is at "
+                                     "[/](/).")
     app.state.segment = state
 
     @app.exception_handler(DecodeError)
@@ -174,6 +182,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "precision": str(predictor.dtype).removeprefix("torch."), "created": m.created,
             "package_version": m.package_version,
         }
+
+    @app.get("/", include_in_schema=False)
+    async def demo():
+        return HTMLResponse(DEMO_PAGE)
 
     @app.get("/health")
     async def health():

@@ -1,0 +1,130 @@
+"""The demo page and /docs in a real headless Chromium (Debian's `chromium`, driven by Playwright), against
+the real server serving the shipped model. Skipped where that browser is not installed; `.ci/run` installs it."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .conftest import CAMVID
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+IMAGE = CAMVID / "images" / "0016E5_07959.png"  # a real CamVid frame, 96x72
+# Headless, and quiet on a machine without internet: no background requests, no sandbox as root.
+FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+         "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+sync_api = pytest.importorskip("playwright.sync_api")
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM} "
+                                "(apt-get install chromium)")
+
+
+@pytest.fixture(scope="module")
+def server():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "SEGMENT_DEVICE": "cpu", "SEGMENT_PORT": str(port), "SEGMENT_WARMUP_PASSES": "1",
+           "SEGMENT_LOG_LEVEL": "warning"}
+    env.pop("SEGMENT_CHECKPOINT", None)  # the shipped default model
+    proc = subprocess.Popen([sys.executable, "-m", "service"], env=env, cwd=ROOT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            try:
+                if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, "the server exited"
+            time.sleep(0.25)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    page = context.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    yield page
+    context.close()
+    assert not errors, errors
+
+
+def test_demo_page_segments_an_upload(server, page):
+    page.goto(server + "/")
+    assert page.title().startswith("CamVid segmentation")
+    sync_api.expect(page.locator("#model")).to_contain_text("tf_efficientnet_lite0")
+    assert page.get_attribute("a[href='docs']", "href") == "docs"
+
+    page.set_input_files("#file", str(IMAGE))
+    page.wait_for_selector("#result[data-state=done]", timeout=60_000)
+
+    # the chart lists every class but Void, each bar in its class colour, fractions summing to 100 %
+    model = httpx.get(server + "/model").json()
+    expected = [c["name"] for c in model["classes"] if not c["void"]]
+    rows = page.locator("#chart li")
+    names = rows.evaluate_all("els => els.map(e => e.dataset.class)")
+    assert sorted(names) == sorted(expected)
+    pixels = [int(x) for x in rows.evaluate_all("els => els.map(e => e.dataset.pixels)")]
+    assert sum(pixels) == 96 * 72 and pixels == sorted(pixels, reverse=True)
+    colours = {c["name"]: c["color"] for c in model["classes"]}
+    first = names[0]
+    bar_colour = page.locator(f"#chart li[data-class='{first}'] .fill").evaluate(
+        "e => getComputedStyle(e).backgroundColor")
+    r, g, b = (int(colours[first][i:i + 2], 16) for i in (1, 3, 5))
+    assert bar_colour == f"rgb({r}, {g}, {b})"
+
+    # the overlay is the upload's size, shown beside the original
+    size = page.locator("#overlay").evaluate("img => [img.naturalWidth, img.naturalHeight]")
+    assert size == [96, 72]
+    assert page.locator("#original").evaluate("img => img.naturalWidth") == 96
+    assert page.locator("#size").inner_text() == "96×72"
+
+    page.click("#toggle")  # the mask alone: a palette PNG of the same size
+    sync_api.expect(page.locator("#view-label")).to_have_text("Mask (class colours)")
+    page.wait_for_function("document.getElementById('overlay').src.startsWith('data:image/png')")
+    page.wait_for_function("document.getElementById('overlay').naturalWidth === 96")
+
+
+def test_demo_page_shows_a_clear_error_for_a_non_image(server, page, tmp_path):
+    page.goto(server + "/")
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not an image")
+    page.set_input_files("#file", str(bad))
+    error = page.locator("#error")
+    sync_api.expect(error).to_be_visible(timeout=30_000)
+    sync_api.expect(error).to_contain_text("415")
+    assert page.locator("#result").is_hidden()
+
+
+def test_docs_page_runs_the_example_upload(server, page):
+    page.goto(server + "/docs")
+    op = page.locator("#operations-default-segment_segment_post")
+    op.locator(".opblock-summary").click()
+    op.get_by_role("button", name="Try it out").click()
+    op.locator("input[type=file]").set_input_files(str(IMAGE))
+    op.get_by_role("button", name="Execute").click()
+    status = op.locator(".live-responses-table .response .response-col_status").first
+    sync_api.expect(status).to_have_text("200", timeout=60_000)
+    body = op.locator(".live-responses-table .response-col_description pre").first.inner_text()
+    assert '"width": 96' in body and '"height": 72' in body
