@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 
 from .conftest import CAMVID
 
@@ -99,6 +100,12 @@ def test_demo_page_segments_an_upload(server, page):
     assert size == [96, 72]
     assert page.locator("#original").evaluate("img => img.naturalWidth") == 96
     assert page.locator("#size").inner_text() == "96×72"
+
+    with page.expect_download() as download:
+        page.click("#download")
+    with Image.open(download.value.path()) as mask:  # the palette PNG, pixel values = class indices
+        assert mask.mode == "P" and mask.size == (96, 72)
+    assert download.value.suggested_filename == "0016E5_07959_mask.png"
 
     page.click("#toggle")  # the mask alone: a palette PNG of the same size
     sync_api.expect(page.locator("#view-label")).to_have_text("Mask (class colours)")
