@@ -30,6 +30,9 @@ class SegmentAPI(ls.LitAPI):
         return [i[0] for i in inputs], torch.stack([i[1] for i in inputs])
 
     def predict(self, x):
+        if self.max_batch_size == 1:  # LitServe skips batch()/unbatch(): x is one decode_request() result
+            image, tensor = x
+            return image, self.predictor.predict(tensor[None], [(image.height, image.width)])[0]
         images, batch = x
         return list(zip(images, self.predictor.predict(batch, [(im.height, im.width) for im in images]),
                         strict=True))
