@@ -1,6 +1,6 @@
 """Screenshot of the demo page segmenting one image: docs/demo.png in the README.
 
-Starts `python -m service` (the shipped model, CPU), opens http://127.0.0.1:PORT/ in Debian's Chromium,
+Starts `python -m service` (the shipped model, CPU), opens it (a free port) in Debian's Chromium,
 uploads the image and saves the page once the result is shown.
 
     python bench/screenshot.py --image ../shared/camvid/images/0016E5_08157.png --out docs/demo.png
@@ -9,18 +9,15 @@ uploads the image and saves the page once the result is shown.
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 from playwright.sync_api import sync_playwright
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tests.live import start_service  # noqa: E402
 from tests.test_browser import CHROMIUM, FLAGS  # noqa: E402
 
 
@@ -28,18 +25,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--image", type=Path, required=True)
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "demo.png")
-    p.add_argument("--port", type=int, default=8766)
     args = p.parse_args()
-    env = {**os.environ, "SEGMENT_DEVICE": "cpu", "SEGMENT_PORT": str(args.port), "SEGMENT_LOG_LEVEL": "warning"}
-    proc = subprocess.Popen([sys.executable, "-m", "service"], env=env, cwd=ROOT)
-    base = f"http://127.0.0.1:{args.port}"
+    proc, base, _ = start_service({"SEGMENT_DEVICE": "cpu", "SEGMENT_LOG_LEVEL": "warning"}, timeout=120)
     try:
-        for _ in range(240):
-            try:
-                if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.25)
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
             page = browser.new_page(viewport={"width": 1360, "height": 560}, device_scale_factor=1)

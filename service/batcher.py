@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .metrics import BATCH_SIZE, INFERENCE_SECONDS, QUEUE_DEPTH
-from .predictor import Prediction, Predictor
+from .predictor import Predictor
 
 
 class QueueFull(Exception):
@@ -59,10 +59,6 @@ class Batcher:
             raise QueueFull from None
         QUEUE_DEPTH.set(self.queue.qsize())
         return job
-
-    async def submit(self, tensor: torch.Tensor, size: tuple[int, int]) -> tuple[Prediction, Job]:
-        job = self.enqueue(tensor, size)
-        return await job.future, job
 
     async def _gather(self) -> list[Job]:
         """Up to max_batch_size jobs. The batch waits (at most max_wait) only while more requests are

@@ -3,10 +3,6 @@ the real server serving the shipped model. Skipped where that browser is not ins
 
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -14,8 +10,8 @@ import pytest
 from PIL import Image
 
 from .conftest import CAMVID
+from .live import ROOT, start_service
 
-ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 IMAGE = CAMVID / "images" / "0016E5_07959.png"  # a real CamVid frame, 96x72
 # Headless, and quiet on a machine without internet: no background requests, no sandbox as root.
@@ -29,23 +25,10 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromiu
 
 @pytest.fixture(scope="module")
 def server():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "SEGMENT_DEVICE": "cpu", "SEGMENT_PORT": str(port), "SEGMENT_WARMUP_PASSES": "1",
-           "SEGMENT_LOG_LEVEL": "warning"}
-    env.pop("SEGMENT_CHECKPOINT", None)  # the shipped default model
-    proc = subprocess.Popen([sys.executable, "-m", "service"], env=env, cwd=ROOT)
-    base = f"http://127.0.0.1:{port}"
+    env = {"SEGMENT_DEVICE": "cpu", "SEGMENT_WARMUP_PASSES": "1", "SEGMENT_LOG_LEVEL": "warning",
+           "SEGMENT_CHECKPOINT": str(ROOT / "models" / "camvid.safetensors")}  # the shipped default model
+    proc, base, _ = start_service(env)
     try:
-        for _ in range(240):
-            try:
-                if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, "the server exited"
-            time.sleep(0.25)
         yield base
     finally:
         proc.terminate()

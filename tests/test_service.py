@@ -267,26 +267,16 @@ def test_bad_checkpoint_stops_startup_with_one_line(tmp_path):
 
 
 def test_sigterm_finishes_every_accepted_request_then_exits(checkpoint):
-    import os
     import signal
-    import socket
 
     import httpx
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "SEGMENT_CHECKPOINT": str(checkpoint), "SEGMENT_DEVICE": "cpu", "SEGMENT_PORT": str(port),
-           "SEGMENT_MAX_BATCH_WAIT_MS": "1500", "SEGMENT_WARMUP_PASSES": "1", "SEGMENT_LOG_LEVEL": "warning"}
-    proc = subprocess.Popen([sys.executable, "-m", "service"], env=env, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
+    from .live import start_service
+
+    proc, base, env = start_service({
+        "SEGMENT_CHECKPOINT": str(checkpoint), "SEGMENT_DEVICE": "cpu", "SEGMENT_MAX_BATCH_WAIT_MS": "1500",
+        "SEGMENT_WARMUP_PASSES": "1", "SEGMENT_LOG_LEVEL": "warning"}, stderr=subprocess.PIPE, text=True)
     try:
-        for _ in range(240):
-            try:
-                if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.25)
         # the container's health probe (Docker HEALTHCHECK) sees the live server
         probe = subprocess.run([sys.executable, "-m", "service.healthcheck"], env=env, timeout=30)
         assert probe.returncode == 0

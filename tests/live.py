@@ -1,0 +1,39 @@
+"""Start the real server (`python -m service`) on a free port and wait until it is ready."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_service(settings: dict[str, str], timeout: float = 60, **popen) -> tuple[subprocess.Popen, str, dict]:
+    """Returns (process, base URL, its environment) once GET /ready answers 200; the caller stops it."""
+    env = {**os.environ, "SEGMENT_PORT": str(free_port()), **settings}
+    proc = subprocess.Popen([sys.executable, "-m", "service"], env=env, cwd=ROOT, **popen)
+    base = f"http://127.0.0.1:{env['SEGMENT_PORT']}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with status {proc.returncode}")
+        try:
+            if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
+                return proc, base, env
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    proc.kill()
+    raise TimeoutError(f"{base}/ready did not answer 200 within {timeout}s")
