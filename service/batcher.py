@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -29,14 +29,19 @@ class Job:
 
 
 class Batcher:
-    def __init__(self, predictor: Predictor, max_batch_size: int, max_wait_ms: float, queue_size: int):
-        self.predictor = predictor
+    def __init__(self, predictor: Predictor, max_batch_size: int, max_wait_ms: float, queue_size: int,
+                 post_executor: Executor | None = None):
+        """post_executor: where each image's postprocess (resize logits, argmax, counts) runs. None: on the
+        inference thread right after the forward, as on CUDA, where it is a few kernels. On a CPU, give it the
+        codec threads: the next forward then starts at once and the postprocess overlaps it."""
+        self.predictor, self.post_executor = predictor, post_executor
         self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000
         self.queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=queue_size)
         # One thread owns the device: forward passes never overlap and never block the event loop.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self.task: asyncio.Task | None = None
         self.incoming = 0  # requests being uploaded or decoded: they will join the queue soon
+        self._pending: set[asyncio.Task] = set()  # postprocess tasks in flight (post_executor only)
 
     def start(self) -> None:
         self.task = asyncio.create_task(self._run(), name="batcher")
@@ -89,18 +94,43 @@ class Batcher:
             for j in jobs:
                 j.started = t0
             try:
-                results = await loop.run_in_executor(self.executor, self.predictor.predict, batch,
-                                                     [j.size for j in jobs])
+                logits = await loop.run_in_executor(self.executor, self.predictor.forward, batch)
+                if self.post_executor is None:
+                    results = await loop.run_in_executor(self.executor, self._postprocess_all, logits, jobs)
             except Exception as e:  # a failed forward must fail its requests, not kill the worker
-                for j in jobs:
-                    if not j.future.done():
-                        j.future.set_exception(e)
+                self._fail(jobs, e)
                 continue
             INFERENCE_SECONDS.observe(time.perf_counter() - t0)
             BATCH_SIZE.observe(len(jobs))
-            for j, r in zip(jobs, results, strict=True):
-                if not j.future.done():
-                    j.future.set_result(r)
+            if self.post_executor is None:
+                for j, r in zip(jobs, results, strict=True):
+                    if not j.future.done():
+                        j.future.set_result(r)
+            else:
+                for j, x in zip(jobs, logits, strict=True):
+                    self._pending.add(t := asyncio.create_task(self._postprocess(j, x)))
+                    t.add_done_callback(self._pending.discard)
+
+    def _postprocess_all(self, logits: torch.Tensor, jobs: list[Job]) -> list:
+        return [self.predictor.postprocess(x, j.size) for j, x in zip(jobs, logits, strict=True)]
+
+    async def _postprocess(self, job: Job, logits: torch.Tensor) -> None:
+        if job.future.done():
+            return
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(
+                self.post_executor, self.predictor.postprocess, logits, job.size)
+        except Exception as e:
+            self._fail([job], e)
+            return
+        if not job.future.done():
+            job.future.set_result(result)
+
+    @staticmethod
+    def _fail(jobs: list[Job], e: Exception) -> None:
+        for j in jobs:
+            if not j.future.done():
+                j.future.set_exception(e)
 
     async def drain(self) -> None:
         """Let every accepted request finish, then stop the worker (graceful shutdown)."""
@@ -108,6 +138,8 @@ class Batcher:
             await asyncio.sleep(0.01)
         if self.task is not None:
             self.task.cancel()
+        if self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
         while not self.queue.empty():  # only when the worker died: fail what it left, never hang
             job = self.queue.get_nowait()
             if not job.future.done():

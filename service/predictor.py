@@ -80,7 +80,7 @@ def upsample_argmax(logits: torch.Tensor, height: int, width: int, void_index: i
 
 
 class Predictor:
-    """Owns the model on its device. predict() is called by one worker thread only."""
+    """Owns the model on its device. forward() is called by one worker thread only; postprocess() from any."""
 
     def __init__(self, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype):
         self.checkpoint, self.device, self.dtype = checkpoint, device, dtype
@@ -109,19 +109,26 @@ class Predictor:
         return (x.float() / 255.0 - self.mean) / self.std
 
     @torch.inference_mode()
-    def predict(self, batch: torch.Tensor, sizes: list[tuple[int, int]]) -> list[Prediction]:
-        """batch: (B, 3, h, w) preprocessed; sizes: each upload's (H, W). Counts are computed on the device."""
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """batch: (B, 3, h, w) preprocessed → (B, C, h, w) logits on the device. One worker thread only."""
         self.forward_calls += 1
         x = batch.to(self.device, non_blocking=True).to(self.dtype)
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        logits = self.model(x)
-        out = []
-        for i, (h, w) in enumerate(sizes):
-            mask = upsample_argmax(logits[i], h, w, self.meta.classes.void_index)
-            counts = torch.bincount(mask.flatten().long(), minlength=self.num_classes)
-            out.append(Prediction(mask.cpu().numpy(), counts.cpu().tolist()))
-        return out
+        return self.model(x)
+
+    @torch.inference_mode()
+    def postprocess(self, logits: torch.Tensor, size: tuple[int, int]) -> Prediction:
+        """(C, h, w) logits → the mask at the upload's (H, W) and per-class counts, both computed where the
+        logits are (bincount on the device)."""
+        mask = upsample_argmax(logits, *size, self.meta.classes.void_index)
+        counts = torch.bincount(mask.flatten().long(), minlength=self.num_classes)
+        return Prediction(mask.cpu().numpy(), counts.cpu().tolist())
+
+    def predict(self, batch: torch.Tensor, sizes: list[tuple[int, int]]) -> list[Prediction]:
+        """forward + postprocess for each image; sizes: each upload's (H, W)."""
+        logits = self.forward(batch)
+        return [self.postprocess(logits[i], size) for i, size in enumerate(sizes)]
 
     def warmup(self, passes: int, batch_size: int) -> float:
         t0 = time.perf_counter()
