@@ -3,7 +3,9 @@
 Starts `python -m service` (uvicorn on 127.0.0.1), sends CamVid images with a bounded async client at
 concurrency 1, 4 and 16, and reports throughput and p50/p95/p99 beside the same model's raw forward
 throughput measured in this run (the limit). Then LitServe serves the same checkpoint with the same
-decode / preprocess / postprocess code at the same concurrency and batching settings.
+decode / preprocess / postprocess code at the same concurrency and batching settings. All of it runs
+--rounds times, servers in alternating order; throughput ratios are taken within a round (a shared
+machine drifts by ±10% over minutes) and their median reported; percentiles pool every round's latencies.
 
     pip install -e '.[bench]'
     python bench/serve.py --data ../shared/camvid [--checkpoint models/camvid.safetensors]
@@ -55,7 +57,7 @@ def untrained_checkpoint(data: Path, size: tuple[int, int], path: Path) -> Path:
     return save_checkpoint(path, UNet(config), CheckpointMeta(config, classes, mean, std, size))
 
 
-def raw_forward(checkpoint: Path, images: list[bytes], batch: int, seconds: float = 8.0) -> dict:
+def raw_forward(checkpoint: Path, images: list[bytes], batch: int, seconds: float = 5.0) -> dict:
     """The limit: model forward alone at batch 1 and at the server's max batch; and decode + single forward."""
     p = Predictor.load(checkpoint, "auto")  # the device the server picks
     sync = torch.cuda.synchronize if p.device.type == "cuda" else (lambda: None)
@@ -97,8 +99,14 @@ async def load(url: str, images: list[bytes], concurrency: int, total: int) -> d
         t0 = time.perf_counter()
         await asyncio.gather(*(one(i) for i in range(total)))
         wall = time.perf_counter() - t0
-    q = statistics.quantiles(latencies, n=100)
-    return {"rps": total / wall, "p50": q[49] * 1000, "p95": q[94] * 1000, "p99": q[98] * 1000}
+    return {"rps": total / wall, "latencies": latencies}
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Rounds of one server at one level: median throughput; percentiles over all rounds' latencies pooled."""
+    q = statistics.quantiles([x for r in runs for x in r["latencies"]], n=100)
+    return {"rps": statistics.median(r["rps"] for r in runs), "p50": q[49] * 1000, "p95": q[94] * 1000,
+            "p99": q[98] * 1000}
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -138,11 +146,12 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "camvid")
     p.add_argument("--checkpoint", type=Path, help="default: the default architecture, untrained")
     p.add_argument("--size", type=int, nargs=2, default=(288, 384), help="input size of the untrained model")
-    p.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
+    p.add_argument("--requests", type=int, default=96, help="requests per concurrency level")
     p.add_argument("--batch", type=int, default=0, help="max batch; 0: the service's default (16 CUDA, 1 CPU)")
     p.add_argument("--wait-ms", type=float, default=5.0)
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--no-litserve", action="store_true")
+    p.add_argument("--rounds", type=int, default=3, help="measure the limit and every server this many times")
     p.add_argument("--no-record", action="store_true")
     args = p.parse_args()
     levels = (1, 4, 16)
@@ -152,41 +161,68 @@ def main() -> None:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     args.batch = args.batch or (16 if device == "cuda" else 1)
-    raw = raw_forward(ckpt, images, args.batch)
-    print(f"raw: {raw}", flush=True)
     base = f"http://127.0.0.1:{args.port}"
-    ours = run_server([sys.executable, "-m", "service"], {
+    servers = {"ours": ([sys.executable, "-m", "service"], {
         "SEGMENT_CHECKPOINT": str(ckpt), "SEGMENT_PORT": str(args.port), "SEGMENT_MAX_BATCH_SIZE": str(args.batch),
         "SEGMENT_MAX_BATCH_WAIT_MS": str(args.wait_ms), "SEGMENT_LOG_LEVEL": "warning"},
-        f"{base}/ready", f"{base}/segment", images, levels, args.requests)
-    print(f"ours: {ours}", flush=True)
-    lit = None
+        f"{base}/ready", f"{base}/segment")}
     if not args.no_litserve:
-        lit = run_server([sys.executable, str(ROOT / "bench" / "litserve_app.py"), str(ckpt), str(args.port + 1),
-                          str(args.batch), str(args.wait_ms)], {},
-                         f"http://127.0.0.1:{args.port + 1}/health", f"http://127.0.0.1:{args.port + 1}/segment",
-                         images, levels, args.requests)
-        print(f"litserve: {lit}", flush=True)
+        lit_base = f"http://127.0.0.1:{args.port + 1}"
+        servers["LitServe"] = ([sys.executable, str(ROOT / "bench" / "litserve_app.py"), str(ckpt), str(args.port + 1),
+                                str(args.batch), str(args.wait_ms)], {}, f"{lit_base}/health", f"{lit_base}/segment")
+    # Rounds, each measuring the limit and then every server, in alternating order: a shared machine's speed
+    # drifts by ±10% over minutes, so ratios are taken within a round and their median reported.
+    # The limit is measured before each round and once after the last; a round's own limit is the mean of the
+    # two measurements that bracket it.
+    raws, runs = [], {name: {c: [] for c in levels} for name in servers}
+    for r in range(args.rounds):
+        raws.append(raw_forward(ckpt, images, args.batch))
+        print(f"round {r + 1} raw: {raws[-1]}", flush=True)
+        for name in (list(servers) if r % 2 == 0 else list(servers)[::-1]):
+            cmd, env, ready, url = servers[name]
+            for c, res in run_server(cmd, env, ready, url, images, levels, args.requests).items():
+                runs[name][c].append(res)
+                print(f"round {r + 1} {name} c{c}: {res['rps']:.2f} images/s", flush=True)
+    raws.append(raw_forward(ckpt, images, args.batch))
+    print(f"final raw: {raws[-1]}", flush=True)
+    limit_key = f"forward_b{args.batch}"
+    limit = statistics.median(x[limit_key] for x in raws)
+    bracket = [(raws[r][limit_key] + raws[r + 1][limit_key]) / 2 for r in range(args.rounds)]
 
-    limit = raw[f"forward_b{args.batch}"]
-    rows = ["| server | concurrency | images/s | p50 ms | p95 ms | p99 ms | vs raw batched forward | vs LitServe |",
+    def ratio(c: int, other) -> tuple[float, str]:
+        per_round = [o["rps"] / other(r) for r, o in enumerate(runs["ours"][c])]
+        return statistics.median(per_round), ", ".join(f"{x:.2f}" for x in per_round)
+
+    rows = ["| server | concurrency | images/s | p50 ms | p95 ms | p99 ms | vs raw forward | vs LitServe |",
             "|---|---|---|---|---|---|---|---|"]
-    for name, res in (("ours", ours), ("LitServe", lit)):
-        for c, r in (res or {}).items():
-            vs_lit = f"{r['rps'] / lit[c]['rps']:.2f}×" if lit and name == "ours" else ""
-            rows.append(f"| {name} | {c} | {r['rps']:.2f} | {r['p50']:.0f} | {r['p95']:.0f} | {r['p99']:.0f} | "
-                        f"{r['rps'] / limit:.2f}× | {vs_lit} |")
-    summary = (f"raw forward: {raw['forward_b1']:.2f} images/s at batch 1, {limit:.2f} at batch {args.batch}; "
-               f"decode + single forward {raw['decode_forward_ms']:.0f} ms. Ours at concurrency 16: "
-               f"{ours[16]['rps'] / limit:.2f}× raw batched forward; p50 at concurrency 1: "
-               f"{ours[1]['p50'] / raw['decode_forward_ms']:.2f}× decode + single forward.")
+    for name in servers:
+        for c in levels:
+            s = summarise(runs[name][c])
+            vs_raw = statistics.median(o["rps"] / bracket[r] for r, o in enumerate(runs[name][c]))
+            vs_lit = (f"{ratio(c, lambda r, c=c: runs['LitServe'][c][r]['rps'])[0]:.2f}×"
+                      if name == "ours" and "LitServe" in servers else "")
+            rows.append(f"| {name} | {c} | {s['rps']:.2f} | {s['p50']:.0f} | {s['p95']:.0f} | {s['p99']:.0f} | "
+                        f"{vs_raw:.2f}× | {vs_lit} |")
+    top = max(levels)
+    c16, c16_rounds = ratio(top, lambda r: bracket[r])
+    decode_forward = statistics.median(x["decode_forward_ms"] for x in raws)
+    p50_c1 = summarise(runs["ours"][1])["p50"]
+    b1 = statistics.median(x["forward_b1"] for x in raws)
+    summary = (f"raw forward (median of {len(raws)} measurements): {b1:.2f} images/s at batch 1, {limit:.2f} at "
+               f"batch {args.batch}; decode + single forward {decode_forward:.0f} ms. Ours at "
+               f"concurrency {top}: {c16:.2f}× raw forward (rounds: {c16_rounds}); p50 at concurrency 1: "
+               f"{p50_c1 / decode_forward:.2f}× decode + single forward.")
+    if "LitServe" in servers:
+        summary += " Ours vs LitServe by round: " + "; ".join(
+            f"c{c} {ratio(c, lambda r, c=c: runs['LitServe'][c][r]['rps'])[1]}" for c in levels) + "."
     table = "\n".join(rows)
     print(table + "\n" + summary)
     if not args.no_record:
         cmd = "python bench/serve.py " + " ".join(sys.argv[1:])
         with (ROOT / "BENCHMARKS.md").open("a") as f:
-            f.write(f"\n### Serving — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC\n\n`{cmd}` — {args.requests} requests per "
-                    f"level, CamVid 480×360 PNGs, max batch {args.batch}, wait {args.wait_ms} ms, "
+            f.write(f"\n### Serving — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC\n\n`{cmd}` — {args.rounds} rounds of "
+                    f"{args.requests} requests per level, CamVid 480×360 PNGs, max batch {args.batch}, "
+                    f"wait {args.wait_ms} ms, "
                     f"{hardware(device)}, torch {torch.__version__}.\n\n"
                     f"{table}\n\n{summary}\n")
 
