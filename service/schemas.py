@@ -19,10 +19,10 @@ class ModelRef(BaseModel):
 
 
 class Timings(BaseModel):
-    decode: float
-    queue: float
-    inference: float
-    encode: float
+    decode: float = Field(description="reading the upload, decoding and resizing it", examples=[12.4])
+    queue: float = Field(description="waiting for the model", examples=[0.4])
+    inference: float = Field(description="the forward pass, then logits → mask and counts", examples=[96.1])
+    encode: float = Field(description="palette PNG (and overlay JPEG)", examples=[1.0])
 
 
 class SegmentResponse(BaseModel):

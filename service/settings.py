@@ -31,8 +31,9 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(30.0, gt=0, description="a request waiting longer gets 504")
     warmup_passes: int = Field(2, ge=0, description="forward passes run at start-up before /ready")
     codec_threads: int = Field(
-        0, ge=0, description="threads decoding uploads and encoding masks; 0: half the CPU cores (at least 1), "
-                             "so they do not starve the inference threads")
+        0, ge=0, description="threads decoding uploads and encoding masks (and, on a CPU, turning logits into "
+                             "masks and counts); 0: half the CPU cores (at least 1), so they do not starve the "
+                             "inference threads")
     overlay_alpha: float = Field(0.5, ge=0, le=1, description="mask opacity in overlays")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
