@@ -19,6 +19,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Mount
 
 from .batcher import Batcher, QueueFull
 from .decode import DecodeError, decode_image
@@ -132,8 +133,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def observe(request: Request, call_next):
         t0 = time.perf_counter()
         response = await call_next(request)
-        route = request.scope.get("route")
-        path = route.path if route is not None else "unmatched"
+        path = route_label(request.app, request.scope)
         REQUESTS.labels(path, request.method, str(response.status_code)).inc()
         LATENCY.labels(path).observe(time.perf_counter() - t0)
         return response
@@ -210,6 +210,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def route_label(app: FastAPI, scope: dict) -> str:
+    """The route template a request matched (bounded label values), a mount's prefix for files it served (the
+    docs page's bundled assets), else "unmatched"."""
+    route = scope.get("route")
+    if route is not None:
+        return route.path
+    endpoint = scope.get("endpoint")
+    for r in app.routes:
+        if isinstance(r, Mount) and r.app is endpoint:
+            return r.path + "/{path}"
+    return "unmatched"
 
 
 def ms(seconds: float) -> float:

@@ -3,6 +3,7 @@ import base64
 import gc
 import io
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -289,6 +290,11 @@ def test_docs_and_openapi_show_the_upload(client):
     body = spec["paths"]["/segment"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert body["properties"]["image"]["format"] == "binary"
     assert "at most 20971520 bytes and 40000000 pixels" in body["properties"]["image"]["description"]
+    # the page's scripts and styles are served from the package (no CDN), and counted under their mount
+    assets = re.findall(r'(?:src|href)="(/[^"]+\.(?:js|css))"', client.get("/docs").text)
+    assert assets and all(client.get(a).status_code == 200 for a in assets)
+    metrics = client.get("/metrics").text
+    assert re.search(r'segment_requests_total\{method="GET",route="/[\w-]+/\{path\}",status="200"\}', metrics)
 
 
 def test_bad_checkpoint_stops_startup_with_one_line(tmp_path):
