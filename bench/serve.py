@@ -10,6 +10,10 @@ machine drifts by ±10% over minutes) and their median reported; percentiles poo
     pip install -e '.[bench]'
     python bench/serve.py --data ../shared/camvid [--checkpoint models/camvid.safetensors]
 
+    # A/B of two versions of the service, e.g. this tree against its parent commit:
+    git worktree add --detach /tmp/base HEAD~1
+    python bench/serve.py --checkpoint models/camvid.safetensors --baseline /tmp/base --baseline-label HEAD~1
+
 Prints a table and appends it to BENCHMARKS.md unless --no-record.
 """
 
@@ -20,6 +24,7 @@ import asyncio
 import contextlib
 import os
 import platform
+import shlex
 import signal
 import statistics
 import subprocess
@@ -28,6 +33,7 @@ import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx
 import torch
@@ -123,13 +129,27 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
     raise TimeoutError(url)
 
 
-def run_server(cmd: list[str], env: dict, ready_url: str, base: str, images, levels, total) -> dict:
+class Server(NamedTuple):
+    cmd: list[str]
+    env: dict
+    ready_url: str
+    url: str
+    cwd: Path = ROOT
+
+
+def run_server(server: Server, images, levels, total) -> dict:
+    log = tempfile.TemporaryFile()
     # Its own process group: LitServe runs its workers in child processes, which must stop with it.
-    proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    proc = subprocess.Popen(server.cmd, env={**os.environ, **server.env}, cwd=server.cwd, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_ready(ready_url, proc)
-        return {c: asyncio.run(load(base, images, c, total)) for c in levels}
+        try:
+            wait_ready(server.ready_url, proc)
+        except (RuntimeError, TimeoutError):
+            log.seek(0)
+            print(log.read().decode(errors="replace")[-3000:], file=sys.stderr)
+            raise
+        return {c: asyncio.run(load(server.url, images, c, total)) for c in levels}
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -139,6 +159,7 @@ def run_server(cmd: list[str], env: dict, ready_url: str, base: str, images, lev
         time.sleep(1)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # stragglers of the group
+        log.close()
 
 
 def main() -> None:
@@ -151,25 +172,35 @@ def main() -> None:
     p.add_argument("--wait-ms", type=float, default=5.0)
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--no-litserve", action="store_true")
+    p.add_argument("--baseline", type=Path, help="another checkout of this project (e.g. `git worktree add "
+                   "/tmp/base HEAD~1`) whose service runs beside ours: an A/B of two versions")
+    p.add_argument("--baseline-label", default="", help="what the baseline is, for the record (a commit)")
     p.add_argument("--rounds", type=int, default=3, help="measure the limit and every server this many times")
     p.add_argument("--no-record", action="store_true")
     args = p.parse_args()
     levels = (1, 4, 16)
     images = [f.read_bytes() for f in sorted((args.data / "images").iterdir())[:32]]
     tmp = Path(tempfile.mkdtemp())
-    ckpt = args.checkpoint or untrained_checkpoint(args.data, tuple(args.size), tmp / "bench.safetensors")
+    ckpt = (args.checkpoint or untrained_checkpoint(args.data, tuple(args.size), tmp / "bench.safetensors")).resolve()
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     args.batch = args.batch or (16 if device == "cuda" else 1)
-    base = f"http://127.0.0.1:{args.port}"
-    servers = {"ours": ([sys.executable, "-m", "service"], {
-        "SEGMENT_CHECKPOINT": str(ckpt), "SEGMENT_PORT": str(args.port), "SEGMENT_MAX_BATCH_SIZE": str(args.batch),
-        "SEGMENT_MAX_BATCH_WAIT_MS": str(args.wait_ms), "SEGMENT_LOG_LEVEL": "warning"},
-        f"{base}/ready", f"{base}/segment")}
+    def service(port: int, cwd: Path = ROOT) -> Server:
+        base = f"http://127.0.0.1:{port}"
+        return Server([sys.executable, "-m", "service"], {
+            "SEGMENT_CHECKPOINT": str(ckpt), "SEGMENT_PORT": str(port), "SEGMENT_LOG_LEVEL": "warning",
+            "SEGMENT_MAX_BATCH_SIZE": str(args.batch), "SEGMENT_MAX_BATCH_WAIT_MS": str(args.wait_ms)},
+            f"{base}/ready", f"{base}/segment", cwd)
+
+    servers = {"ours": service(args.port)}
+    if args.baseline:  # another checkout of this project: `python -m service` run from there
+        servers["baseline"] = service(args.port + 2, args.baseline.resolve())
     if not args.no_litserve:
-        lit_base = f"http://127.0.0.1:{args.port + 1}"
-        servers["LitServe"] = ([sys.executable, str(ROOT / "bench" / "litserve_app.py"), str(ckpt), str(args.port + 1),
-                                str(args.batch), str(args.wait_ms)], {}, f"{lit_base}/health", f"{lit_base}/segment")
+        lit = f"http://127.0.0.1:{args.port + 1}"
+        servers["LitServe"] = Server([sys.executable, str(ROOT / "bench" / "litserve_app.py"), str(ckpt),
+                                      str(args.port + 1), str(args.batch), str(args.wait_ms)], {},
+                                     f"{lit}/health", f"{lit}/segment")
+    others = [name for name in servers if name != "ours"]
     # Rounds, each measuring the limit and then every server, in alternating order: a shared machine's speed
     # drifts by ±10% over minutes, so ratios are taken within a round and their median reported.
     # The limit is measured before each round and once after the last; a round's own limit is the mean of the
@@ -179,8 +210,7 @@ def main() -> None:
         raws.append(raw_forward(ckpt, images, args.batch))
         print(f"round {r + 1} raw: {raws[-1]}", flush=True)
         for name in (list(servers) if r % 2 == 0 else list(servers)[::-1]):
-            cmd, env, ready, url = servers[name]
-            for c, res in run_server(cmd, env, ready, url, images, levels, args.requests).items():
+            for c, res in run_server(servers[name], images, levels, args.requests).items():
                 runs[name][c].append(res)
                 print(f"round {r + 1} {name} c{c}: {res['rps']:.2f} images/s", flush=True)
     raws.append(raw_forward(ckpt, images, args.batch))
@@ -189,36 +219,41 @@ def main() -> None:
     limit = statistics.median(x[limit_key] for x in raws)
     bracket = [(raws[r][limit_key] + raws[r + 1][limit_key]) / 2 for r in range(args.rounds)]
 
-    def ratio(c: int, other) -> tuple[float, str]:
-        per_round = [o["rps"] / other(r) for r, o in enumerate(runs["ours"][c])]
-        return statistics.median(per_round), ", ".join(f"{x:.2f}" for x in per_round)
+    def ratios(name: str, c: int, other) -> list[float]:
+        """Per round: server `name`'s throughput at concurrency c over other(round)."""
+        return [o["rps"] / other(r) for r, o in enumerate(runs[name][c])]
 
-    rows = ["| server | concurrency | images/s | p50 ms | p95 ms | p99 ms | vs raw forward | vs LitServe |",
-            "|---|---|---|---|---|---|---|---|"]
+    def vs(other: str, c: int) -> list[float]:
+        return ratios("ours", c, lambda r: runs[other][c][r]["rps"])
+
+    rows = ["| server | concurrency | images/s | p50 ms | p95 ms | p99 ms | vs raw forward | "
+            + " | ".join(f"vs {o}" for o in others) + " |", "|---" * (7 + len(others)) + "|"]
     for name in servers:
         for c in levels:
             s = summarise(runs[name][c])
-            vs_raw = statistics.median(o["rps"] / bracket[r] for r, o in enumerate(runs[name][c]))
-            vs_lit = (f"{ratio(c, lambda r, c=c: runs['LitServe'][c][r]['rps'])[0]:.2f}×"
-                      if name == "ours" and "LitServe" in servers else "")
+            vs_raw = statistics.median(ratios(name, c, lambda r: bracket[r]))
+            cells = [f"{statistics.median(vs(o, c)):.2f}×" if name == "ours" else "" for o in others]
             rows.append(f"| {name} | {c} | {s['rps']:.2f} | {s['p50']:.0f} | {s['p95']:.0f} | {s['p99']:.0f} | "
-                        f"{vs_raw:.2f}× | {vs_lit} |")
+                        f"{vs_raw:.2f}× | " + " | ".join(cells) + " |")
     top = max(levels)
-    c16, c16_rounds = ratio(top, lambda r: bracket[r])
+    c16_rounds = ratios("ours", top, lambda r: bracket[r])
     decode_forward = statistics.median(x["decode_forward_ms"] for x in raws)
     p50_c1 = summarise(runs["ours"][1])["p50"]
     b1 = statistics.median(x["forward_b1"] for x in raws)
+    listed = lambda xs: ", ".join(f"{x:.2f}" for x in xs)  # noqa: E731
     summary = (f"raw forward (median of {len(raws)} measurements): {b1:.2f} images/s at batch 1, {limit:.2f} at "
                f"batch {args.batch}; decode + single forward {decode_forward:.0f} ms. Ours at "
-               f"concurrency {top}: {c16:.2f}× raw forward (rounds: {c16_rounds}); p50 at concurrency 1: "
-               f"{p50_c1 / decode_forward:.2f}× decode + single forward.")
-    if "LitServe" in servers:
-        summary += " Ours vs LitServe by round: " + "; ".join(
-            f"c{c} {ratio(c, lambda r, c=c: runs['LitServe'][c][r]['rps'])[1]}" for c in levels) + "."
+               f"concurrency {top}: {statistics.median(c16_rounds):.2f}× raw forward (rounds: {listed(c16_rounds)}); "
+               f"p50 at concurrency 1: {p50_c1 / decode_forward:.2f}× decode + single forward.")
+    for o in others:
+        summary += f" Ours vs {o} by round: " + "; ".join(f"c{c} {listed(vs(o, c))}" for c in levels) + "."
+    if args.baseline:
+        summary += f" Baseline: the checkout at {args.baseline}" + (f" ({args.baseline_label})." if
+                                                                     args.baseline_label else ".")
     table = "\n".join(rows)
     print(table + "\n" + summary)
     if not args.no_record:
-        cmd = "python bench/serve.py " + " ".join(sys.argv[1:])
+        cmd = shlex.join(["python", "bench/serve.py", *sys.argv[1:]])
         with (ROOT / "BENCHMARKS.md").open("a") as f:
             f.write(f"\n### Serving — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC\n\n`{cmd}` — {args.rounds} rounds of "
                     f"{args.requests} requests per level, CamVid 480×360 PNGs, max batch {args.batch}, "
