@@ -10,5 +10,8 @@ LATENCY = Histogram("segment_request_seconds", "HTTP request latency", ["route"]
 BATCH_SIZE = Histogram("segment_batch_size", "images per forward pass", registry=REGISTRY,
                        buckets=(1, 2, 4, 8, 16, 32, 64))
 QUEUE_DEPTH = Gauge("segment_queue_depth", "requests waiting for the model", registry=REGISTRY)
-INFERENCE_SECONDS = Histogram("segment_inference_seconds", "seconds per batched forward pass + postprocess",
-                              registry=REGISTRY, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+INFERENCE_SECONDS = Histogram(
+    "segment_inference_seconds",
+    "seconds the inference worker spends per batch: the forward pass, plus the postprocess on CUDA (on a CPU "
+    "the codec threads postprocess)",
+    registry=REGISTRY, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
