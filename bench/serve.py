@@ -115,6 +115,10 @@ def summarise(runs: list[dict]) -> dict:
             "p99": q[98] * 1000}
 
 
+def listed(xs: list[float]) -> str:
+    return ", ".join(f"{x:.2f}" for x in xs)
+
+
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < timeout:
@@ -226,21 +230,23 @@ def main() -> None:
     def vs(other: str, c: int) -> list[float]:
         return ratios("ours", c, lambda r: runs[other][c][r]["rps"])
 
-    rows = ["| server | concurrency | images/s | p50 ms | p95 ms | p99 ms | vs raw forward | "
-            + " | ".join(f"vs {o}" for o in others) + " |", "|---" * (7 + len(others)) + "|"]
+    def row(cells: list[str]) -> str:
+        return "| " + " | ".join(cells) + " |"
+
+    rows = [row(["server", "concurrency", "images/s", "p50 ms", "p95 ms", "p99 ms", "vs raw forward",
+                 *(f"vs {o}" for o in others)]), "|---" * (7 + len(others)) + "|"]
     for name in servers:
         for c in levels:
             s = summarise(runs[name][c])
             vs_raw = statistics.median(ratios(name, c, lambda r: bracket[r]))
             cells = [f"{statistics.median(vs(o, c)):.2f}×" if name == "ours" else "" for o in others]
-            rows.append(f"| {name} | {c} | {s['rps']:.2f} | {s['p50']:.0f} | {s['p95']:.0f} | {s['p99']:.0f} | "
-                        f"{vs_raw:.2f}× | " + " | ".join(cells) + " |")
+            rows.append(row([name, str(c), f"{s['rps']:.2f}", f"{s['p50']:.0f}", f"{s['p95']:.0f}", f"{s['p99']:.0f}",
+                             f"{vs_raw:.2f}×", *cells]))
     top = max(levels)
     c16_rounds = ratios("ours", top, lambda r: bracket[r])
     decode_forward = statistics.median(x["decode_forward_ms"] for x in raws)
     p50_c1 = summarise(runs["ours"][1])["p50"]
     b1 = statistics.median(x["forward_b1"] for x in raws)
-    listed = lambda xs: ", ".join(f"{x:.2f}" for x in xs)  # noqa: E731
     summary = (f"raw forward (median of {len(raws)} measurements): {b1:.2f} images/s at batch 1, {limit:.2f} at "
                f"batch {args.batch}; decode + single forward {decode_forward:.0f} ms. Ours at "
                f"concurrency {top}: {statistics.median(c16_rounds):.2f}× raw forward (rounds: {listed(c16_rounds)}); "

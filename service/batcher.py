@@ -94,9 +94,11 @@ class Batcher:
             for j in jobs:
                 j.started = t0
             try:
-                logits = await loop.run_in_executor(self.executor, self.predictor.forward, batch)
-                if self.post_executor is None:
-                    results = await loop.run_in_executor(self.executor, self._postprocess_all, logits, jobs)
+                if self.post_executor is None:  # forward and postprocess in one go on the worker
+                    results = await loop.run_in_executor(self.executor, self.predictor.predict, batch,
+                                                         [j.size for j in jobs])
+                else:
+                    logits = await loop.run_in_executor(self.executor, self.predictor.forward, batch)
             except Exception as e:  # a failed forward must fail its requests, not kill the worker
                 self._fail(jobs, e)
                 continue
@@ -110,9 +112,6 @@ class Batcher:
                 for j, x in zip(jobs, logits, strict=True):
                     self._pending.add(t := asyncio.create_task(self._postprocess(j, x)))
                     t.add_done_callback(self._pending.discard)
-
-    def _postprocess_all(self, logits: torch.Tensor, jobs: list[Job]) -> list:
-        return [self.predictor.postprocess(x, j.size) for j, x in zip(jobs, logits, strict=True)]
 
     async def _postprocess(self, job: Job, logits: torch.Tensor) -> None:
         if job.future.done():
