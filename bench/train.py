@@ -29,7 +29,7 @@ from models.encoders import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from models.unet import UNetConfig, build_unet  # noqa: E402
 from training.data import SegmentationDataset, collate, open_folder  # noqa: E402
 from training.engine import evaluate, train_one_epoch  # noqa: E402
-from training.transforms import Compose, Normalize, Resize, eval_transforms  # noqa: E402
+from training.transforms import Compose, Resize, ToInput, eval_transforms  # noqa: E402
 
 SIZE = (180, 240)
 
@@ -38,7 +38,8 @@ def ours(folder, train_pairs, args) -> tuple[list[float], torch.nn.Module]:
     torch.manual_seed(0)
     model = build_unet(UNetConfig("resnet34", folder.classes.num_classes), "none")
     # Same input pipeline as fastai's side: resize only, so the comparison is the network and the loop.
-    ds = SegmentationDataset(train_pairs, Compose([Resize(SIZE, mask=True), Normalize(IMAGENET_MEAN, IMAGENET_STD)]))
+    tf = Compose([Resize(SIZE, mask=True), ToInput(SIZE, IMAGENET_MEAN, IMAGENET_STD)])
+    ds = SegmentationDataset(train_pairs, tf)
     loader = DataLoader(ds, batch_size=args.bs, shuffle=True, num_workers=0, collate_fn=collate, drop_last=True)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.epochs * len(loader) + 1,

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .classes import ClassSet
+from .errors import UserError
 from .unet import UNet, UNetConfig
 
 FORMAT = "camvid-segment/unet"
@@ -26,7 +27,7 @@ META_KEY = "segment"
 MAX_HEADER = 100 * 1024 * 1024
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """The file is missing, truncated, foreign or does not match its metadata; the message says which."""
 
 

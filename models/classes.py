@@ -6,6 +6,8 @@ import colorsys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import UserError
+
 RGB = tuple[int, int, int]
 
 VOID_NAMES = ("void", "unlabelled", "unlabeled")
@@ -30,7 +32,7 @@ CAMVID_COLORS: dict[str, RGB] = {
 }
 
 
-class ClassFileError(ValueError):
+class ClassFileError(UserError, ValueError):
     """codes.txt or label_colors.txt is unusable; the message names the file, the line and the fix."""
 
 

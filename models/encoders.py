@@ -16,20 +16,22 @@ from safetensors.torch import load_file
 from timm.models import get_pretrained_cfg
 from torch import nn
 
+from .errors import ConfigError, UserError
+
 OFFLINE_IMAGENET = {"tf_efficientnet_lite0"}
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class EncoderWeightsError(ValueError):
+class EncoderWeightsError(UserError, ValueError):
     """Encoder weights could not be found, read or matched; the message says which and what to do."""
 
 
 def check_encoder_name(name: str) -> None:
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('_')[-1]}*")[:8]
-        raise ValueError(f"unknown encoder {name!r}; any timm model name works, e.g. resnet34, "
+        raise ConfigError(f"unknown encoder {name!r}; any timm model name works, e.g. resnet34, "
                          f"tf_efficientnet_lite0{'; similar names: ' + ', '.join(close) if close else ''}")
 
 
@@ -104,60 +106,35 @@ def imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
                                   "or --encoder-weights none") from e
 
 
-def weights_for(name: str, weights: str | Path) -> dict[str, torch.Tensor] | None:
-    """Resolve `imagenet` | `none` | PATH to a state dict (None for `none`)."""
-    if str(weights) == "none":
-        return None
-    if str(weights) == "imagenet":
-        return imagenet_state_dict(name)
-    return read_state_dict(Path(weights))
-
-
-def _load_into(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    """Load by name when every needed key is there, else by order and shape (e.g. other key naming)."""
-    needed = model.state_dict()
-    if all(k in state for k in _weight_keys(needed)):
-        picked = {k: state[k] for k in needed if k in state}
-        bad = [k for k in _weight_keys(needed) if picked[k].shape != needed[k].shape]
-        if bad:
-            raise EncoderWeightsError(f"{what}: shape mismatch for {bad[:3]}; not weights for this encoder")
-        model.load_state_dict(picked, strict=False)
-        return
-    # A whole-classifier file in another naming: drop the head by mapping onto the full model.
-    try:
-        model.load_state_dict(map_by_order(state, needed, what), strict=False)
-    except EncoderWeightsError:
-        missing = [k for k in _weight_keys(needed) if k not in state][:3]
-        raise EncoderWeightsError(f"{what}: keys {missing} … are missing and the tensors do not match this "
-                                  "encoder by order and shape either; saved from another architecture?") from None
-
-
-def create_classifier(name: str, weights: str | Path = "imagenet") -> nn.Module:
-    """The full timm classifier (with its ImageNet head): used to prove weights are real."""
-    check_encoder_name(name)
-    model = timm.create_model(name, pretrained=False)
-    state = weights_for(name, weights)
-    if state is not None:
-        if str(weights) == "imagenet":
-            model.load_state_dict(state)
-        else:
-            _load_into(model, state, str(weights))
-    return model.eval()
+def _load_into(encoder: nn.Module, name: str, state: dict[str, torch.Tensor], what: str) -> None:
+    """By name when every tensor the encoder needs is there (timm's naming); otherwise by order and shape, onto the
+    whole timm classifier when `state` has as many tensors as it (e.g. EfficientNet-PyTorch naming), else onto the
+    encoder alone. Either way every shape must agree."""
+    needed = encoder.state_dict()
+    if not all(k in state for k in _weight_keys(needed)):
+        full = timm.create_model(name, pretrained=False).state_dict()
+        target = full if len(_weight_keys(state)) == len(_weight_keys(full)) else needed
+        try:
+            state = map_by_order(state, target, what)
+        except EncoderWeightsError:
+            missing = [k for k in _weight_keys(needed) if k not in state][:3]
+            raise EncoderWeightsError(f"{what}: keys {missing} … are missing and the tensors do not match this "
+                                      "encoder by order and shape either; saved from another architecture?") from None
+    bad = [k for k in _weight_keys(needed) if state[k].shape != needed[k].shape]
+    if bad:
+        raise EncoderWeightsError(f"{what}: shape mismatch for {bad[:3]}; not weights for this encoder")
+    encoder.load_state_dict({k: state[k] for k in needed if k in state}, strict=False)
 
 
 def create_encoder(name: str, weights: str | Path = "none") -> nn.Module:
     """A timm backbone returning 5 feature maps (strides 2..32); weights `imagenet`, `none` or a path."""
     check_encoder_name(name)
     encoder = timm.create_model(name, pretrained=False, features_only=True)
-    state = weights_for(name, weights)
-    if state is not None:
-        what = f"ImageNet weights for {name}" if str(weights) == "imagenet" else str(weights)
-        if str(weights) != "imagenet" and not all(k in state for k in _weight_keys(encoder.state_dict())):
-            # Could be a full classifier in another naming: map onto the classifier, then keep the trunk.
-            full = timm.create_model(name, pretrained=False).state_dict()
-            try:
-                state = map_by_order(state, full, what)
-            except EncoderWeightsError:
-                pass
-        _load_into(encoder, state, what)
+    if str(weights) == "none":
+        return encoder
+    if str(weights) == "imagenet":
+        state, what = imagenet_state_dict(name), f"ImageNet weights for {name}"
+    else:
+        state, what = read_state_dict(Path(weights)), str(weights)
+    _load_into(encoder, name, state, what)
     return encoder

@@ -6,7 +6,7 @@ cropped back, so the output always has exactly the input's height and width.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .encoders import create_encoder
+from .errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -23,8 +24,7 @@ class UNetConfig:
     encoder: str = "resnet34"
     num_classes: int = 12
     decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)
-    in_chans: int = 3
-    arch: str = field(default="unet")
+    arch: str = "unet"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -33,6 +33,9 @@ class UNetConfig:
     def from_dict(cls, d: dict) -> UNetConfig:
         d = dict(d)
         d["decoder_channels"] = tuple(d["decoder_channels"])
+        in_chans = d.pop("in_chans", 3)  # recorded by earlier checkpoints, the shipped one included; always 3
+        if in_chans != 3:
+            raise ValueError(f"in_chans {in_chans}: the network takes RGB (3-channel) input only")
         return cls(**d)
 
 
@@ -65,7 +68,7 @@ class UNet(nn.Module):
         channels = self.encoder.feature_info.channels()  # e.g. resnet34: [64, 64, 128, 256, 512]
         reductions = self.encoder.feature_info.reduction()  # [2, 4, 8, 16, 32]
         if len(channels) != len(config.decoder_channels) or reductions != [2 ** (i + 1) for i in range(len(channels))]:
-            raise ValueError(f"encoder {config.encoder} gives features at strides {reductions}; the U-Net needs "
+            raise ConfigError(f"encoder {config.encoder} gives features at strides {reductions}; the U-Net needs "
                              f"{len(config.decoder_channels)} levels at strides 2, 4, 8, ...")
         self.stride = reductions[-1]
         skips = channels[-2::-1] + [0]  # deepest skip first; the last block (stride 1) has none
@@ -95,10 +98,3 @@ class UNet(nn.Module):
 def build_unet(config: UNetConfig, encoder_weights: str | Path = "none") -> UNet:
     return UNet(config, create_encoder(config.encoder, encoder_weights))
 
-
-def predict_mask(logits: torch.Tensor, void_index: int | None) -> torch.Tensor:
-    """Class index per pixel; void is a label for 'unknown', never a prediction."""
-    if void_index is not None:
-        logits = logits.clone()
-        logits[:, void_index] = torch.finfo(logits.dtype).min
-    return logits.argmax(dim=1)  # (B, H, W)

@@ -1,18 +1,26 @@
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image
 from safetensors.torch import save_file
 from sklearn.datasets import load_sample_image
 
-from models.encoders import EncoderWeightsError, create_classifier, create_encoder, map_by_order, normalization
+from models.encoders import EncoderWeightsError, create_encoder, imagenet_state_dict, map_by_order, normalization
 
 DAISY = 985
 
 
+def imagenet_classifier(name: str) -> torch.nn.Module:
+    """The whole timm classifier, ImageNet head included, with the weights `imagenet` resolves to."""
+    model = timm.create_model(name, pretrained=False)
+    model.load_state_dict(imagenet_state_dict(name))
+    return model.eval()
+
+
 def test_offline_imagenet_efficientnet_lite0_weights_are_real():
     """With its classifier head, the encoder puts 'daisy' in the top 5 for sklearn's flower.jpg."""
-    model = create_classifier("tf_efficientnet_lite0", "imagenet")
+    model = imagenet_classifier("tf_efficientnet_lite0")
     mean, std = normalization("tf_efficientnet_lite0")
     assert mean == std == (0.5, 0.5, 0.5)
     image = Image.fromarray(load_sample_image("flower.jpg")).resize((224, 224), Image.BICUBIC)
@@ -25,7 +33,7 @@ def test_offline_imagenet_efficientnet_lite0_weights_are_real():
 
 def test_encoder_gets_the_same_imagenet_weights_as_the_classifier():
     encoder = create_encoder("tf_efficientnet_lite0", "imagenet")
-    classifier = create_classifier("tf_efficientnet_lite0", "imagenet")
+    classifier = imagenet_classifier("tf_efficientnet_lite0")
     assert torch.equal(encoder.state_dict()["conv_stem.weight"], classifier.state_dict()["conv_stem.weight"])
     assert torch.equal(encoder.state_dict()["blocks.6.0.conv_pwl.weight"],
                        classifier.state_dict()["blocks.6.0.conv_pwl.weight"])

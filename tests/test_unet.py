@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from models.unet import UNet, UNetConfig, predict_mask
+from models.processing import logits_to_mask
+from models.unet import UNet, UNetConfig
 
 
 @pytest.mark.parametrize("encoder", ["resnet34", "tf_efficientnet_lite0"])
@@ -25,8 +26,10 @@ def test_unknown_encoder_is_a_clear_error():
 
 
 def test_void_is_never_predicted():
-    logits = torch.zeros(1, 3, 2, 2)
-    logits[:, 2] = 10.0  # void would win the argmax
-    logits[:, 1, 0, 0] = 1.0
-    mask = predict_mask(logits, void_index=2)
-    assert mask.tolist() == [[[1, 0], [0, 0]]]
+    logits = torch.zeros(3, 2, 2)
+    logits[2] = 10.0  # void would win the argmax
+    logits[1, 0, 0] = 1.0
+    mask = logits_to_mask(logits, (2, 2), void_index=2)
+    assert mask.tolist() == [[1, 0], [0, 0]]
+    # resized back to a larger size, still never void
+    assert logits_to_mask(logits, (5, 7), void_index=2).max() < 2

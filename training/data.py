@@ -19,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from models.classes import ClassSet, read_codes, read_label_colors
+from models.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ SEGNET_CODES = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymb
                 "Pedestrian", "Bicyclist", "Unlabelled"]
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """The data folder is unusable; the message names the file and the problem."""
 
 

@@ -10,8 +10,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from models.errors import UserError
 
-class DownloadError(RuntimeError):
+
+class DownloadError(UserError, RuntimeError):
     pass
 
 

@@ -13,9 +13,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from models.unet import predict_mask
+from models.errors import ConfigError, UserError
+from models.processing import logits_to_mask
 
 from .metrics import ConfusionMatrix
+
+
+class DivergedError(UserError, FloatingPointError):
+    """The loss became NaN or infinite: the learning rate is too high for this run."""
 
 
 @dataclass(frozen=True)
@@ -49,19 +54,42 @@ def resolve_device(name: str, d: Dist = Dist()) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("--device cuda, but no CUDA GPU is visible to PyTorch; use --device cpu or auto")
+            raise ConfigError("--device cuda, but no CUDA GPU is visible to PyTorch; use --device cpu or auto")
         return torch.device("cuda", d.local_rank)
     if name != "cpu":
-        raise ValueError(f"--device must be auto, cpu or cuda, not {name!r}")
+        raise ConfigError(f"--device must be auto, cpu or cuda, not {name!r}")
     return torch.device("cpu")
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on GPUs that have it, fp16 otherwise; full precision on the CPU."""
-    if device.type != "cuda":
-        return nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
+@dataclass(frozen=True)
+class Amp:
+    """Mixed precision, decided once per run: bf16 autocast on GPUs that have it, fp16 autocast with a gradient
+    scaler on those that do not, full precision on the CPU."""
+
+    dtype: torch.dtype | None = None
+    scaler: torch.amp.GradScaler | None = None
+
+    @classmethod
+    def for_device(cls, device: torch.device) -> Amp:
+        if device.type != "cuda":
+            return cls()
+        if torch.cuda.is_bf16_supported():
+            return cls(torch.bfloat16)
+        return cls(torch.float16, torch.amp.GradScaler("cuda"))
+
+    def autocast(self):
+        return nullcontext() if self.dtype is None else torch.autocast("cuda", dtype=self.dtype)
+
+    def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        """Backward and optimizer step (through the scaler with fp16)."""
+        optimizer.zero_grad(set_to_none=True)
+        if self.scaler is None:
+            loss.backward()
+            optimizer.step()
+            return
+        self.scaler.scale(loss).backward()
+        self.scaler.step(optimizer)
+        self.scaler.update()
 
 
 def _mean_over_processes(total: float, count: int, device: torch.device) -> float:
@@ -73,8 +101,8 @@ def _mean_over_processes(total: float, count: int, device: torch.device) -> floa
     return total / max(count, 1)
 
 
-def train_one_epoch(model: nn.Module, loader, loss_fn, optimizer, scheduler, device: torch.device,
-                    scaler: torch.amp.GradScaler | None, desc: str = "train", show: bool = True) -> float:
+def train_one_epoch(model: nn.Module, loader, loss_fn, optimizer, scheduler, device: torch.device, amp: Amp,
+                    desc: str = "train", show: bool = True) -> float:
     model.train()
     total, count = 0.0, 0
     bar = tqdm(loader, desc=desc, leave=False, disable=not show, dynamic_ncols=True)
@@ -83,18 +111,11 @@ def train_one_epoch(model: nn.Module, loader, loss_fn, optimizer, scheduler, dev
         masks = masks.to(device, non_blocking=True)
         if device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(device):
+        with amp.autocast():
             loss = loss_fn(model(images), masks)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss.item()}; lower --lr (try lr-find)")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+            raise DivergedError(f"loss became {loss.item()}; lower --lr (try lr-find)")
+        amp.step(loss, optimizer)
         scheduler.step()
         total += loss.item() * len(images)
         count += len(images)
@@ -105,8 +126,10 @@ def train_one_epoch(model: nn.Module, loader, loss_fn, optimizer, scheduler, dev
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, num_classes: int, ignore_index: int, void_index: int | None,
              device: torch.device, names: list[str] | None = None, desc: str = "valid",
-             show: bool = True) -> dict:
-    """Predict at the loader's input size, score at each label's native size; metrics + mean loss."""
+             show: bool = True, amp: Amp | None = None) -> dict:
+    """Predict at the loader's input size, score at each label's native size (the mask made as the service makes
+    it); metrics + mean loss."""
+    amp = amp or Amp.for_device(device)
     model.eval()
     cm = ConfusionMatrix(num_classes, void_index)
     total, count = 0.0, 0
@@ -114,18 +137,18 @@ def evaluate(model: nn.Module, loader, num_classes: int, ignore_index: int, void
         images = images.to(device, non_blocking=True)
         if device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(device):
+        with amp.autocast():
             logits = model(images)
         for i, mask in enumerate(masks):
             mask = mask.to(device)
-            out = logits[i:i + 1].float()
-            if out.shape[-2:] != mask.shape:
-                out = F.interpolate(out, size=mask.shape, mode="bilinear", align_corners=False)
+            cm.update(mask, logits_to_mask(logits[i], tuple(mask.shape), void_index))
             valid = mask != ignore_index
             if valid.any():
+                out = logits[i:i + 1].float()
+                if out.shape[-2:] != mask.shape:
+                    out = F.interpolate(out, size=mask.shape, mode="bilinear", align_corners=False)
                 total += F.cross_entropy(out, mask[None], ignore_index=ignore_index).item() * int(valid.sum())
                 count += int(valid.sum())
-            cm.update(mask, predict_mask(out, void_index)[0])
     cm.reduce_from_all_processes()
     metrics = cm.compute(names)
     metrics["loss"] = _mean_over_processes(total, count, device)
@@ -133,7 +156,7 @@ def evaluate(model: nn.Module, loader, num_classes: int, ignore_index: int, void
     return metrics
 
 
-def lr_find(model: nn.Module, loader, loss_fn, optimizer, device: torch.device, start_lr: float = 1e-7,
+def lr_find(model: nn.Module, loader, loss_fn, optimizer, device: torch.device, amp: Amp, start_lr: float = 1e-7,
             end_lr: float = 10.0, num_iter: int = 100, show: bool = True) -> tuple[list[float], list[float], float]:
     """Leslie Smith's range test: raise the LR exponentially until the loss diverges. Returns the LRs,
     the smoothed losses and a suggestion (the steepest descent of the smoothed loss)."""
@@ -151,11 +174,9 @@ def lr_find(model: nn.Module, loader, loss_fn, optimizer, device: torch.device, 
             it = iter(loader)
             images, masks = next(it)
         images, masks = images.to(device), masks.to(device)
-        with autocast(device):
+        with amp.autocast():
             loss = loss_fn(model(images), masks)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        amp.step(loss, optimizer)
         avg = 0.98 * avg + 0.02 * loss.item()
         smoothed = avg / (1 - 0.98 ** (step + 1))
         lrs.append(lr)

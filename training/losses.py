@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.errors import ConfigError
+
 
 class SegmentationLoss(nn.Module):
     """`CE(weight, ignore_index) + dice * (1 - mean soft Dice)`.
@@ -24,7 +26,7 @@ class SegmentationLoss(nn.Module):
                  dice: float = 0.0, eps: float = 1.0):
         super().__init__()
         if dice < 0:
-            raise ValueError(f"dice weight must be >= 0, got {dice}")
+            raise ConfigError(f"dice weight must be >= 0, got {dice}")
         self.num_classes, self.ignore_index, self.dice, self.eps = num_classes, ignore_index, dice, eps
         self.ce = nn.CrossEntropyLoss(weight=weight, ignore_index=ignore_index)
 

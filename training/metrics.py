@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 
@@ -30,21 +28,21 @@ class ConfusionMatrix:
             self.mat = mat.cpu()
 
     def compute(self, names: list[str] | None = None) -> dict:
-        """NaN marks a class that is absent from both truth and prediction (JSON writes it as null)."""
+        """None (JSON null) marks a class absent from both truth and prediction, and a mean with nothing to average."""
         m = self.mat.double()
         tp, truth, predicted = m.diag(), m.sum(1), m.sum(0)
         union = truth + predicted - tp
         classes = [c for c in range(self.n) if c != self.ignore]
-        iou = [(tp[c] / union[c]).item() if union[c] > 0 else math.nan for c in classes]
-        acc = [(tp[c] / truth[c]).item() if truth[c] > 0 else math.nan for c in classes]
+        iou = [(tp[c] / union[c]).item() if union[c] > 0 else None for c in classes]
+        acc = [(tp[c] / truth[c]).item() if truth[c] > 0 else None for c in classes]
         names = names or [str(c) for c in range(self.n)]
         total = m.sum().item()
-        present = [v for v in iou if not math.isnan(v)]
-        recalls = [v for v in acc if not math.isnan(v)]
+        present = [v for v in iou if v is not None]
+        recalls = [v for v in acc if v is not None]
         return {
-            "pixel_accuracy": tp.sum().item() / total if total else math.nan,
-            "mean_iou": sum(present) / len(present) if present else math.nan,
-            "mean_class_accuracy": sum(recalls) / len(recalls) if recalls else math.nan,
+            "pixel_accuracy": tp.sum().item() / total if total else None,
+            "mean_iou": sum(present) / len(present) if present else None,
+            "mean_class_accuracy": sum(recalls) / len(recalls) if recalls else None,
             "per_class_iou": {names[c]: v for c, v in zip(classes, iou, strict=True)},
             "per_class_accuracy": {names[c]: v for c, v in zip(classes, acc, strict=True)},
             "pixels": int(total),

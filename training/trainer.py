@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,10 +25,12 @@ from tqdm import tqdm
 
 from models.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from models.encoders import check_encoder_name, normalization
+from models.errors import ConfigError, UserError
 from models.unet import UNet, UNetConfig, build_unet
 
-from .data import CamVidFolder, SegmentationDataset, collate, image_size, open_folder
-from .engine import Dist, evaluate, resolve_device, train_one_epoch
+from .config import TrainConfig
+from .data import CamVidFolder, DataError, SegmentationDataset, collate, image_size, open_folder
+from .engine import Amp, Dist, evaluate, resolve_device, train_one_epoch
 from .losses import SegmentationLoss
 from .transforms import eval_transforms, half_size, train_transforms
 from .viz import plot_curves
@@ -39,42 +41,22 @@ log = logging.getLogger(__name__)
 HYPERPARAMS = ("encoder", "encoder_weights", "size", "epochs", "freeze_epochs", "progressive", "bs", "lr",
                "encoder_lr_mult", "weight_decay", "pct_start", "class_weights", "seed", "decoder_channels",
                "dice", "init")
+# The validation metrics a checkpoint records.
+KEPT_METRICS = ("pixel_accuracy", "mean_iou", "mean_class_accuracy", "per_class_iou", "per_class_accuracy", "loss")
 
 
-@dataclass
-class TrainConfig:
-    data: Path
-    out: Path
-    encoder: str = "resnet34"
-    encoder_weights: str = "imagenet"  # imagenet | none | a file path
-    size: tuple[int, int] | None = None  # (H, W); default: the first training image's size
-    epochs: int = 20
-    freeze_epochs: int | None = None  # default: a quarter of the epochs when the encoder is pretrained
-    progressive: bool = True  # the frozen phase runs at half size
-    bs: int = 8
-    lr: float = 2e-3
-    encoder_lr_mult: float = 0.1  # unfrozen encoder LR = lr * this (fastai's slice(lr/x, lr))
-    weight_decay: float = 1e-2
-    pct_start: float = 0.3
-    class_weights: str = "none"  # none | median-freq
-    dice: float = 0.0  # weight of the soft Dice term added to cross-entropy
-    init: Path | None = None  # start from this checkpoint's weights (fine-tuning) instead of the encoder's
-    decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)
-    device: str = "auto"
-    workers: int = 2
-    seed: int = 0
-    run_dir: Path | None = None
-    resume: bool = False
-    half: bool = False  # store fp16 weights in the checkpoints
-    show_progress: bool = True
+class RunExistsError(UserError, FileExistsError):
+    """The run folder holds an earlier run and --resume was not given."""
 
-    def to_dict(self) -> dict:
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+
+class NothingToResumeError(UserError, FileNotFoundError):
+    """--resume, but the run folder has no saved state."""
 
 
 @dataclass(frozen=True)
 class Phase:
     name: str
+    start: int  # the run's epoch index this phase begins at
     epochs: int
     size: tuple[int, int]
     frozen: bool
@@ -85,24 +67,85 @@ def plan(config: TrainConfig, size: tuple[int, int]) -> list[Phase]:
     frozen = config.freeze_epochs if config.freeze_epochs is not None else (
         max(1, round(config.epochs / 4)) if pretrained and config.epochs > 1 else 0)
     if not 0 <= frozen <= config.epochs:
-        raise ValueError(f"--freeze-epochs {frozen} must be between 0 and --epochs {config.epochs}")
+        raise ConfigError(f"--freeze-epochs {frozen} must be between 0 and --epochs {config.epochs}")
     phases = []
     if frozen:
-        phases.append(Phase("frozen", frozen, half_size(size) if config.progressive else size, True))
+        phases.append(Phase("frozen", 0, frozen, half_size(size) if config.progressive else size, True))
     if config.epochs - frozen:
-        phases.append(Phase("unfrozen", config.epochs - frozen, size, False))
+        phases.append(Phase("unfrozen", frozen, config.epochs - frozen, size, False))
     return phases
+
+
+def epoch_tag(epoch: int, config: TrainConfig, phase: Phase) -> str:
+    return f"epoch {epoch + 1}/{config.epochs} {phase.name} {phase.size[0]}x{phase.size[1]}"
+
+
+def fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def score(metrics: dict) -> float:
+    """What picks the best epoch: validation mIoU (-1 when no class could be scored)."""
+    return -1.0 if metrics["mean_iou"] is None else metrics["mean_iou"]
+
+
+@dataclass
+class RunState:
+    """Where a run stands: the epochs done (one metrics record each) and the best checkpoint's metrics; fresh, or
+    loaded from the run folder's state.pt together with the tensors to resume from."""
+
+    history: list[dict] = field(default_factory=list)
+    best_metrics: dict = field(default_factory=dict)
+    tensors: dict = field(default_factory=dict)  # model, optimizer, scheduler, scaler state dicts of the last epoch
+
+    @property
+    def epochs_done(self) -> int:
+        return len(self.history)
+
+    @property
+    def best_score(self) -> float:
+        return score(self.best_metrics) if self.best_metrics else -math.inf
+
+    @classmethod
+    def start(cls, run_dir: Path, config: TrainConfig, fingerprint: dict) -> tuple[TrainConfig, RunState]:
+        """A fresh run, or with config.resume the saved one (its saved settings win over the command line's)."""
+        path = run_dir / "state.pt"
+        if not config.resume:
+            if path.exists():
+                raise RunExistsError(f"{run_dir}: holds an earlier run; pass --resume to continue it, or --run-dir NEW")
+            return config, cls()
+        if not path.is_file():
+            raise NothingToResumeError(f"{path}: nothing to resume; start the run without --resume")
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved["fingerprint"]["sha256"] != fingerprint["sha256"]:
+            raise DataError(f"{path}: the run was started on other data ({saved['fingerprint']['files']} files, "
+                            f"now {fingerprint['files']}); resume on the same folder or start a new --run-dir")
+        # settings the saved run lacks (it predates them) keep the command line's value
+        old = TrainConfig.from_dict({**config.to_dict(), **json.loads(saved["config"])})
+        config = dataclasses.replace(config, **{k: getattr(old, k) for k in HYPERPARAMS})
+        run = json.loads(saved["run"])
+        return config, cls(run["history"], run["best_metrics"], {k: saved[k] for k in
+                                                                 ("model", "optimizer", "scheduler", "scaler")})
+
+    def save(self, path: Path, config: TrainConfig, fingerprint: dict, model: nn.Module, optimizer, scheduler,
+             amp: Amp) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "scaler": amp.scaler.state_dict() if amp.scaler else {},
+                    "run": json.dumps({"history": self.history, "best_metrics": self.best_metrics}),
+                    "config": json.dumps(config.to_dict()), "fingerprint": fingerprint}, tmp)
+        os.replace(tmp, path)
 
 
 def init_from(model: UNet, net_config: UNetConfig, classes, path: Path) -> None:
     """Copy every weight of a compatible checkpoint into `model` (fine-tuning a trained model)."""
     source = load_checkpoint(path)
-    if json.dumps(source.meta.model.to_dict()) != json.dumps(net_config.to_dict()):
-        raise ValueError(f"{path}: --init checkpoint is a {source.meta.model} model, but this run builds "
-                         f"{net_config}; pass the same --encoder/--decoder-channels, on data with the same classes")
+    if source.meta.model != net_config:
+        raise ConfigError(f"{path}: --init checkpoint is a {source.meta.model} model, but this run builds "
+                          f"{net_config}; pass the same --encoder/--decoder-channels, on data with the same classes")
     if list(source.meta.classes.names) != list(classes.names):
-        raise ValueError(f"{path}: --init checkpoint has classes {list(source.meta.classes.names)}, the data has "
-                         f"{list(classes.names)}; --init needs the same class list in the same order")
+        raise ConfigError(f"{path}: --init checkpoint has classes {list(source.meta.classes.names)}, the data has "
+                          f"{list(classes.names)}; --init needs the same class list in the same order")
     model.load_state_dict(source.model.state_dict())
 
 
@@ -112,6 +155,19 @@ def set_encoder_frozen(model: UNet, frozen: bool) -> None:
         is_bn = isinstance(module, nn.modules.batchnorm._BatchNorm)
         for p in module.parameters(recurse=False):
             p.requires_grad = is_bn or not frozen
+
+
+def build_model(config: TrainConfig, net_config: UNetConfig, folder: CamVidFolder, run: RunState,
+                device: torch.device) -> UNet:
+    """ImageNet encoder + fresh decoder; or --init's weights; or, resuming, the weights of the last epoch done."""
+    resuming = bool(run.tensors)
+    model = build_unet(net_config, "none" if resuming or config.init else config.encoder_weights)
+    if resuming:
+        model.load_state_dict(run.tensors["model"])
+    elif config.init:
+        init_from(model, net_config, folder.classes, Path(config.init))
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
 
 
 def _loaders(folder: CamVidFolder, config: TrainConfig, size, mean, std, d: Dist, device) -> tuple:
@@ -136,25 +192,79 @@ def _optimizer(model: UNet, config: TrainConfig, steps: int, epochs: int):
     return optimizer, scheduler
 
 
-def _save_state(path: Path, **state) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+class RunWriter:
+    """Everything a run writes (rank 0 only): config.json, and after every epoch metrics.jsonl, curves.png, the last
+    and best checkpoints and the resume state."""
+
+    def __init__(self, run_dir: Path, config: TrainConfig, folder: CamVidFolder, fingerprint: dict,
+                 net_config: UNetConfig, run: RunState):
+        self.run_dir, self.config, self.folder, self.fingerprint = run_dir, config, folder, fingerprint
+        self.net_config = net_config
+        self.mean, self.std = normalization(config.encoder)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        # from the saved state: drops the record of an epoch that was logged but never saved (a crash in between)
+        self._write_history(run.history)
+
+    def _write_history(self, history: list[dict]) -> None:
+        (self.run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+
+    def end_epoch(self, run: RunState, metrics: dict, phase: Phase, model: UNet, optimizer, scheduler,
+                  amp: Amp) -> None:
+        record = run.history[-1]
+        kept = {k: metrics[k] for k in KEPT_METRICS}
+        kept.update(epoch=record["epoch"], split="valid", images=len(self.folder.pairs("valid")))
+        meta = CheckpointMeta(model=self.net_config, classes=self.folder.classes, mean=self.mean, std=self.std,
+                              input_size=phase.size, metrics=kept, data=self.fingerprint, train=self.config.to_dict())
+        save_checkpoint(self.run_dir / "last.safetensors", model, meta, half=self.config.half)
+        if score(kept) > run.best_score:
+            run.best_metrics = kept
+            save_checkpoint(Path(self.config.out), model, dataclasses.replace(meta, created=""), half=self.config.half)
+        with (self.run_dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        plot_curves(run.history, self.run_dir / "curves.png")
+        run.save(self.run_dir / "state.pt", self.config, self.fingerprint, model, optimizer, scheduler, amp)
+        tqdm.write(f"{epoch_tag(record['epoch'] - 1, self.config, phase)}: train_loss {record['train_loss']:.4f} "
+                   f"valid_loss {record['valid_loss']:.4f} acc {fmt(record['pixel_accuracy'])} "
+                   f"mIoU {fmt(record['mean_iou'])} ({record['seconds']:.1f}s)")
 
 
-def _load_state(run_dir: Path, config: TrainConfig, fingerprint: dict) -> tuple[TrainConfig, dict]:
-    path = run_dir / "state.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: nothing to resume; start the run without --resume")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state["fingerprint"]["sha256"] != fingerprint["sha256"]:
-        raise ValueError(f"{path}: the run was started on other data ({state['fingerprint']['files']} files, "
-                         f"now {fingerprint['files']}); resume on the same folder or start a new --run-dir")
-    saved = json.loads(state["config"])
-    changes = {k: saved[k] for k in HYPERPARAMS if k in saved}  # runs saved before a setting existed keep its default
-    changes["size"] = tuple(changes["size"]) if changes["size"] else None
-    changes["decoder_channels"] = tuple(changes["decoder_channels"])
-    return dataclasses.replace(config, **changes), state
+def run_phase(phase: Phase, config: TrainConfig, folder: CamVidFolder, model: UNet, run: RunState, loss_fn,
+              d: Dist, device: torch.device, amp: Amp, writer: RunWriter | None) -> None:
+    """The epochs of `phase` not done yet: train, validate, record (and write, on rank 0)."""
+    mean, std = normalization(config.encoder)
+    set_encoder_frozen(model, phase.frozen)
+    train_ds, sampler, train_dl, valid_dl = _loaders(folder, config, phase.size, mean, std, d, device)
+    net = DistributedDataParallel(model, device_ids=[d.local_rank] if device.type == "cuda" else None) \
+        if d.world > 1 else model
+    optimizer, scheduler = _optimizer(model, config, len(train_dl), phase.epochs)
+    if run.epochs_done > phase.start:  # resuming inside this phase: its schedule goes on where it stopped
+        optimizer.load_state_dict(run.tensors["optimizer"])
+        scheduler.load_state_dict(run.tensors["scheduler"])
+        if amp.scaler is not None and run.tensors["scaler"]:
+            amp.scaler.load_state_dict(run.tensors["scaler"])
+    show = config.show_progress and d.main
+    for epoch in range(run.epochs_done, phase.start + phase.epochs):
+        t0 = time.perf_counter()
+        train_ds.epoch = epoch
+        sampler.set_epoch(epoch)
+        train_loss = train_one_epoch(net, train_dl, loss_fn, optimizer, scheduler, device, amp,
+                                     epoch_tag(epoch, config, phase), show)
+        if d.world > 1:  # BatchNorm statistics drift apart per process; validate with the ones rank 0 saves
+            for buffer in model.buffers():
+                torch.distributed.broadcast(buffer, 0)
+        c = folder.classes
+        metrics = evaluate(model, valid_dl, c.num_classes, c.ignore_index, c.void_index, device, list(c.names),
+                           "valid", show, amp)
+        run.history.append({
+            "epoch": epoch + 1, "phase": phase.name, "size": list(phase.size), "train_loss": train_loss,
+            "valid_loss": metrics["loss"], "pixel_accuracy": metrics["pixel_accuracy"],
+            "mean_iou": metrics["mean_iou"], "lr": scheduler.get_last_lr()[-1],
+            "seconds": round(time.perf_counter() - t0, 2)})
+        if writer is not None:
+            writer.end_epoch(run, metrics, phase, model, optimizer, scheduler, amp)
+        if d.world > 1:
+            torch.distributed.barrier()
 
 
 def fit(config: TrainConfig) -> dict:
@@ -165,93 +275,19 @@ def fit(config: TrainConfig) -> dict:
     folder = open_folder(config.data)
     fingerprint = folder.fingerprint()
     run_dir = Path(config.run_dir or Path("runs") / Path(config.out).stem)
-    state = None
-    if config.resume:
-        config, state = _load_state(run_dir, config, fingerprint)
-    elif (run_dir / "state.pt").exists():
-        raise FileExistsError(f"{run_dir}: holds an earlier run; pass --resume to continue it, or --run-dir NEW")
-    first = folder.pairs("train")[0].image
-    size = tuple(config.size) if config.size else tuple(reversed(image_size(first)))
+    config, run = RunState.start(run_dir, config, fingerprint)
+    size = tuple(config.size) if config.size else tuple(reversed(image_size(folder.pairs("train")[0].image)))
     phases = plan(config, size)
-    mean, std = normalization(config.encoder)
     torch.manual_seed(config.seed)
     net_config = UNetConfig(config.encoder, folder.classes.num_classes, tuple(config.decoder_channels))
-    model = build_unet(net_config, "none" if state or config.init else config.encoder_weights).to(device)
-    if config.init and not state:
-        init_from(model, net_config, folder.classes, Path(config.init))
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    if state:
-        model.load_state_dict(state["model"])
+    model = build_model(config, net_config, folder, run, device)
     weight = folder.class_weights().to(device) if config.class_weights == "median-freq" else None
     loss_fn = SegmentationLoss(folder.classes.num_classes, folder.classes.ignore_index, weight, config.dice)
-    names = list(folder.classes.names)
-    if d.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-    history = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()] if state else []
-    best = state["best"] if state else -math.inf
-    best_metrics = json.loads(state["best_metrics"]) if state else {}
-    start_phase, start_epoch = (state["phase"], state["epoch"] + 1) if state else (0, 0)
-    global_epoch = sum(p.epochs for p in phases[:start_phase]) + start_epoch
-    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and not torch.cuda.is_bf16_supported() else None
-    if d.main and state:
-        log.info("resuming %s at epoch %d/%d with its saved settings", run_dir, global_epoch + 1, config.epochs)
-    for pi, phase in enumerate(phases):
-        if pi < start_phase or (pi == start_phase and start_epoch >= phase.epochs):
-            continue
-        set_encoder_frozen(model, phase.frozen)
-        train_ds, sampler, train_dl, valid_dl = _loaders(folder, config, phase.size, mean, std, d, device)
-        net = DistributedDataParallel(model, device_ids=[d.local_rank] if device.type == "cuda" else None) \
-            if d.world > 1 else model
-        optimizer, scheduler = _optimizer(model, config, len(train_dl), phase.epochs)
-        first_epoch = 0
-        if state and pi == start_phase:
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            if scaler is not None and state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
-            first_epoch = start_epoch
-        for e in range(first_epoch, phase.epochs):
-            t0 = time.perf_counter()
-            train_ds.epoch = global_epoch
-            sampler.set_epoch(global_epoch)
-            tag = f"epoch {global_epoch + 1}/{config.epochs} {phase.name} {phase.size[0]}x{phase.size[1]}"
-            show = config.show_progress and d.main
-            train_loss = train_one_epoch(net, train_dl, loss_fn, optimizer, scheduler, device, scaler, tag, show)
-            if d.world > 1:  # BatchNorm statistics drift apart per process; validate with the ones rank 0 saves
-                for buffer in model.buffers():
-                    torch.distributed.broadcast(buffer, 0)
-            metrics = evaluate(model, valid_dl, folder.classes.num_classes, folder.classes.ignore_index,
-                               folder.classes.void_index, device, names, "valid", show)
-            global_epoch += 1
-            record = {"epoch": global_epoch, "phase": phase.name, "size": list(phase.size),
-                      "train_loss": train_loss, "valid_loss": metrics["loss"],
-                      "pixel_accuracy": metrics["pixel_accuracy"], "mean_iou": metrics["mean_iou"],
-                      "lr": scheduler.get_last_lr()[-1], "seconds": round(time.perf_counter() - t0, 2)}
-            history.append(record)
-            if d.main:
-                kept = {k: metrics[k] for k in ("pixel_accuracy", "mean_iou", "mean_class_accuracy",
-                                                "per_class_iou", "per_class_accuracy", "loss")}
-                kept.update(epoch=global_epoch, split="valid", images=len(folder.pairs("valid")))
-                meta = CheckpointMeta(model=net_config, classes=folder.classes, mean=mean, std=std,
-                                      input_size=phase.size, metrics=kept, data=fingerprint,
-                                      train=config.to_dict())
-                save_checkpoint(run_dir / "last.safetensors", model, meta, half=config.half)
-                score = metrics["mean_iou"] if not math.isnan(metrics["mean_iou"]) else -1.0
-                if score > best:
-                    best, best_metrics = score, kept
-                    save_checkpoint(Path(config.out), model, dataclasses.replace(meta, created=""), half=config.half)
-                with (run_dir / "metrics.jsonl").open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-                plot_curves(history, run_dir / "curves.png")
-                _save_state(run_dir / "state.pt", model=model.state_dict(), optimizer=optimizer.state_dict(),
-                            scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else {},
-                            phase=pi, epoch=e, best=best, best_metrics=json.dumps(best_metrics),
-                            config=json.dumps(config.to_dict()), fingerprint=fingerprint)
-                tqdm.write(f"{tag}: train_loss {train_loss:.4f} valid_loss {metrics['loss']:.4f} "
-                           f"acc {metrics['pixel_accuracy']:.4f} mIoU {metrics['mean_iou']:.4f} "
-                           f"({record['seconds']:.1f}s)")
-            if d.world > 1:
-                torch.distributed.barrier()
-    return best_metrics
+    writer = RunWriter(run_dir, config, folder, fingerprint, net_config, run) if d.main else None
+    if d.main and run.epochs_done:
+        log.info("resuming %s at epoch %d/%d with its saved settings", run_dir, run.epochs_done + 1, config.epochs)
+    amp = Amp.for_device(device)
+    for phase in phases:
+        if run.epochs_done < phase.start + phase.epochs:
+            run_phase(phase, config, folder, model, run, loss_fn, d, device, amp, writer)
+    return run.best_metrics

@@ -1,6 +1,6 @@
 """Joint transforms: every transform takes and returns (image, mask); the pair never drifts apart.
 
-image: (3, H, W) uint8 until Normalize, then float; mask: (H, W) int64 class indices. Masks are always
+image: (3, H, W) uint8 until ToInput, then float; mask: (H, W) int64 class indices. Masks are always
 resampled with nearest and padded/filled with the ignore index, never averaged.
 """
 
@@ -11,6 +11,8 @@ import math
 import torch
 import torchvision.transforms.v2.functional as F
 from torchvision.transforms import InterpolationMode
+
+from models.processing import preprocess
 
 NEAREST, BILINEAR = InterpolationMode.NEAREST, InterpolationMode.BILINEAR
 
@@ -97,8 +99,7 @@ class RandomLighting:
 
 
 class Resize:
-    """Resize the image to the network's input size; the mask keeps its native size unless `mask` is set
-    (evaluation scores at the label's own resolution, as the service answers at the upload's)."""
+    """Resize the image (bilinear) to `size`, and the mask too (nearest) when `mask` is set."""
 
     def __init__(self, size: tuple[int, int], mask: bool = False):
         self.size, self.mask = list(size), mask
@@ -110,12 +111,16 @@ class Resize:
         return image, mask
 
 
-class Normalize:
-    def __init__(self, mean, std):
-        self.mean, self.std = list(mean), list(std)
+class ToInput:
+    """The network input exactly as the service makes it (models.processing.preprocess: resized to `size` unless it
+    has it, normalised). The mask keeps its size: evaluation scores at the label's own resolution, as the service
+    answers at the upload's."""
+
+    def __init__(self, size: tuple[int, int], mean, std):
+        self.size, self.mean, self.std = tuple(size), tuple(mean), tuple(std)
 
     def __call__(self, image, mask, g):
-        return F.normalize(image.float() / 255.0, self.mean, self.std), mask
+        return preprocess(image, self.size, self.mean, self.std), mask
 
 
 def train_transforms(size: tuple[int, int], mean, std, ignore_index: int, scale=(0.75, 1.25),
@@ -127,12 +132,12 @@ def train_transforms(size: tuple[int, int], mean, std, ignore_index: int, scale=
         RandomCrop(size, ignore_index),
         RandomHFlip(),
         RandomLighting(max_lighting),
-        Normalize(mean, std),
+        ToInput(size, mean, std),
     ])
 
 
 def eval_transforms(size: tuple[int, int], mean, std) -> Compose:
-    return Compose([Resize(size), Normalize(mean, std)])
+    return Compose([ToInput(size, mean, std)])
 
 
 def half_size(size: tuple[int, int]) -> tuple[int, int]:

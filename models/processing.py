@@ -1,0 +1,61 @@
+"""The network's input and output as a checkpoint describes them, written once for training's evaluation,
+the service and the tests:
+
+- `preprocess`: a uint8 image → the normalised network input at the checkpoint's input size;
+- `logits_to_mask`: logits → a class-index mask at the image's own size (bilinear, void never predicted).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
+
+
+def preprocess(image: torch.Tensor, size: tuple[int, int], mean, std) -> torch.Tensor:
+    """(3, H, W) uint8 RGB → (3, h, w) float32, resized to `size` = (h, w) (bilinear, antialiased; untouched when it
+    already has that size) and normalised with the encoder's mean/std."""
+    if tuple(image.shape[-2:]) != tuple(size):
+        image = TF.resize(image, list(size), antialias=True)
+    return TF.normalize(image.float() / 255.0, list(mean), list(std), inplace=True)
+
+
+def argmax_channels(x: torch.Tensor, skip: int | None = None) -> torch.Tensor:
+    """(C, H, W) → (H, W) uint8 index of the largest channel other than `skip` (first on ties, as argmax). A running
+    max over channels reads memory in order; argmax(0) strides across planes and is 2-3x slower on CPUs."""
+    channels = [c for c in range(x.shape[0]) if c != skip]
+    best = x[channels[0]].clone()
+    index = torch.full(x.shape[1:], channels[0], dtype=torch.uint8, device=x.device)
+    for c in channels[1:]:
+        better = x[c] > best
+        torch.where(better, x[c], best, out=best)
+        index.masked_fill_(better, c)
+    return index
+
+
+def logits_to_mask(logits: torch.Tensor, size: tuple[int, int], void_index: int | None,
+                   rows_per_strip: int = 256, max_direct: int = 1 << 26) -> torch.Tensor:
+    """(C, h, w) logits → (H, W) uint8 class indices for `size` = (H, W): bilinear resize (align_corners=False),
+    then the argmax over every class but void (void is a label for 'unknown', never a prediction).
+
+    Up to `max_direct` output values are resized in one go; beyond, a strip of rows at a time, so a 40-megapixel
+    upload never holds C full-size float planes (the same maths as F.interpolate)."""
+    logits = logits.float()
+    c, h, w = logits.shape
+    height, width = size
+    if (h, w) == (height, width):
+        return argmax_channels(logits, void_index)
+    if c * height * width <= max_direct:
+        full = F.interpolate(logits[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+        return argmax_channels(full, void_index)
+    wide = F.interpolate(logits[None], size=(h, width), mode="bilinear", align_corners=False)[0]  # (C, h, W)
+    ys = ((torch.arange(height, device=logits.device) + 0.5) * (h / height) - 0.5).clamp(min=0)
+    i0 = ys.floor().long().clamp(max=h - 1)
+    i1 = (i0 + 1).clamp(max=h - 1)
+    a = (ys - i0)[None, :, None]
+    out = torch.empty(height, width, dtype=torch.uint8, device=logits.device)
+    for y in range(0, height, rows_per_strip):
+        s = slice(y, min(height, y + rows_per_strip))
+        strip = wide[:, i0[s]] * (1 - a[:, s]) + wide[:, i1[s]] * a[:, s]  # (C, rows, W)
+        out[s] = argmax_channels(strip, void_index)
+    return out

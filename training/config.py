@@ -1,0 +1,100 @@
+"""TrainConfig: every setting of a training run, once. The `train` command line is built from these fields
+(option name, type and default), and a run's saved settings are read back with `from_dict`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import MISSING, dataclass, field
+from pathlib import Path
+from types import NoneType, UnionType
+from typing import get_args, get_origin, get_type_hints
+
+
+def option(default=MISSING, help: str = "", **argparse_kwargs):
+    """A field that is also a command-line option: `--field-name` unless `flag` says otherwise; argparse keywords
+    (choices, nargs, metavar) pass through."""
+    return field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
+@dataclass
+class TrainConfig:
+    data: Path = option(help="CamVid folder (fastai or SegNet layout)")
+    out: Path = option(help="best checkpoint (.safetensors)")
+    encoder: str = option("resnet34", "any timm model, e.g. resnet34, tf_efficientnet_lite0")
+    encoder_weights: str = option("imagenet", "imagenet | none | PATH")
+    size: tuple[int, int] | None = option(None, "training size (default: the first training image's)", nargs=2,
+                                          metavar=("H", "W"))
+    decoder_channels: tuple[int, ...] = option((256, 128, 64, 32, 16), "channels of the 5 decoder blocks, deepest "
+                                               "first (smp.Unet's default)", nargs=5, metavar="C")
+    epochs: int = option(20)
+    freeze_epochs: int | None = option(None, "epochs with a frozen encoder (default: a quarter of the epochs when "
+                                       "the encoder is pretrained)")
+    progressive: bool = option(True, "train the frozen phase at full size instead of half size",
+                               flag="--no-progressive")
+    bs: int = option(8, "batch size (per process)")
+    lr: float = option(2e-3, "peak decoder LR of the one-cycle schedule")
+    encoder_lr_mult: float = option(0.1, "encoder LR = lr * this once unfrozen (fastai's slice(lr/x, lr))")
+    weight_decay: float = option(1e-2, "AdamW weight decay", flag="--wd")
+    pct_start: float = option(0.3, "fraction of each cycle spent warming up")
+    class_weights: str = option("none", "median-freq: SegNet's median-frequency class weights",
+                                choices=["none", "median-freq"])
+    dice: float = option(0.0, "add W x soft Dice to cross-entropy: raises thin classes' IoU (try 1.0)", metavar="W")
+    init: Path | None = option(None, "start from a trained checkpoint's weights (fine-tuning; same encoder, decoder, "
+                               "classes); no frozen phase unless --freeze-epochs says so", metavar="CHECKPOINT")
+    device: str = option("auto", choices=["auto", "cpu", "cuda"])
+    workers: int = option(2, "DataLoader worker processes")
+    seed: int = option(0)
+    run_dir: Path | None = option(None, "logs, last checkpoint, resume state (default runs/<out stem>)")
+    resume: bool = option(False, "continue the run in --run-dir")
+    half: bool = option(False, "store fp16 weights in the checkpoints (half the file size)")
+    show_progress: bool = option(True, "no progress bars", flag="--quiet")
+
+    def to_dict(self) -> dict:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        """The inverse of to_dict (also of JSON's lists for tuples); keys that are not fields are ignored."""
+        hints = get_type_hints(cls)
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.name in d:
+                value, kind = d[f.name], _base(hints[f.name])
+                values[f.name] = value if value is None else tuple(value) if get_origin(kind) is tuple \
+                    else Path(value) if kind is Path else value
+        return cls(**values)
+
+
+def _base(kind):
+    """`X | None` → X."""
+    if isinstance(kind, UnionType):
+        return next(t for t in get_args(kind) if t is not NoneType)
+    return kind
+
+
+def add_options(parser: argparse.ArgumentParser, names: list[str] | None = None) -> None:
+    """TrainConfig's fields (all, or `names`) as options: dest = field name, default = the field's default."""
+    hints = get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        if names is not None and f.name not in names:
+            continue
+        kwargs = dict(f.metadata)
+        flag = kwargs.pop("flag", "--" + f.name.replace("_", "-"))
+        kind = _base(hints[f.name])
+        if f.default is MISSING:
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = f.default
+            if f.default is not None and kind is not bool:
+                shown = " ".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+                kwargs["help"] = f"{kwargs['help']} (default: {shown})".lstrip()
+        if kind is bool:
+            kwargs["action"] = "store_false" if f.default else "store_true"
+        else:
+            kwargs["type"] = get_args(kind)[0] if get_origin(kind) is tuple else kind
+        parser.add_argument(flag, dest=f.name, **kwargs)
+
+
+def from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig.from_dict({f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
