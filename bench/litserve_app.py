@@ -1,4 +1,5 @@
-"""LitServe serving the same checkpoint with the same decode / preprocess / postprocess as the service.
+"""LitServe serving the same checkpoint with the same decode / preprocess / postprocess and the same response builder
+as the service.
 
 Started by bench/serve.py as `python bench/litserve_app.py CHECKPOINT PORT MAX_BATCH WAIT_MS`.
 """
@@ -6,6 +7,7 @@ Started by bench/serve.py as `python bench/litserve_app.py CHECKPOINT PORT MAX_B
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import litserve as ls
@@ -14,7 +16,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from service.decode import decode_image  # noqa: E402
-from service.predictor import Predictor, b64, mask_png  # noqa: E402
+from service.predictor import Predictor, mask_png  # noqa: E402
+from service.schemas import Timings, model_ref, ms, segment_response  # noqa: E402
 
 
 class SegmentAPI(ls.LitAPI):
@@ -23,30 +26,36 @@ class SegmentAPI(ls.LitAPI):
         self.predictor.warmup(2, self.max_batch_size)
 
     def decode_request(self, request):
+        t0 = time.perf_counter()
         image = decode_image(request["image"].file.read(), 40_000_000)
-        return image, self.predictor.preprocess(image)
+        tensor = self.predictor.preprocess(image)
+        return image, tensor, time.perf_counter() - t0
 
     def batch(self, inputs):
-        return [i[0] for i in inputs], torch.stack([i[1] for i in inputs])
+        return [i[0] for i in inputs], torch.stack([i[1] for i in inputs]), [i[2] for i in inputs]
 
     def predict(self, x):
+        t0 = time.perf_counter()
         if self.max_batch_size == 1:  # LitServe skips batch()/unbatch(): x is one decode_request() result
-            image, tensor = x
-            return image, self.predictor.predict(tensor[None], [(image.height, image.width)])[0]
-        images, batch = x
-        return list(zip(images, self.predictor.predict(batch, [(im.height, im.width) for im in images]),
-                        strict=True))
+            image, tensor, decode = x
+            result = self.predictor.predict(tensor[None], [(image.height, image.width)])[0]
+            return image, result, decode, time.perf_counter() - t0
+        images, batch, decodes = x
+        results = self.predictor.predict(batch, [(im.height, im.width) for im in images])
+        inference = time.perf_counter() - t0
+        return [(im, r, d, inference) for im, r, d in zip(images, results, decodes, strict=True)]
 
     def unbatch(self, output):
         return output
 
     def encode_response(self, output):
-        image, result = output
-        classes = self.predictor.meta.classes
-        total = image.width * image.height
-        return {"width": image.width, "height": image.height, "mask": b64(mask_png(result.mask, classes.palette())),
-                "classes": [{"index": i, "name": n, "pixels": p, "fraction": p / total}
-                            for i, (n, p) in enumerate(zip(classes.names, result.counts, strict=True))]}
+        image, result, decode, inference = output
+        t0 = time.perf_counter()
+        png = mask_png(result.mask, self.predictor.meta.classes.palette())
+        # a LitAPI does not see its queue: that wait is reported as 0 (the bench reads only HTTP timings)
+        timings = Timings(decode=ms(decode), queue=0.0, inference=ms(inference), encode=ms(time.perf_counter() - t0))
+        return segment_response(image.width, image.height, png, result.counts, self.predictor.meta.classes,
+                                model_ref(self.predictor.checkpoint), timings).model_dump()
 
 
 if __name__ == "__main__":

@@ -1,1 +1,1 @@
-"""The HTTP service (see the service issue); shares models/ with training."""
+"""The HTTP service: FastAPI app, batching inference worker, upload decoding; shares models/ with training."""

@@ -7,16 +7,10 @@ import io
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import UploadError
+
 ALLOWED_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF"}
 ACCEPTED = "JPEG, PNG, WebP, BMP, TIFF or GIF"
-
-
-class DecodeError(ValueError):
-    """A bad upload; `status` and `code` say how the HTTP layer reports it."""
-
-    def __init__(self, status: int, code: str, detail: str):
-        super().__init__(detail)
-        self.status, self.code, self.detail = status, code, detail
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -37,22 +31,22 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     if not data:
-        raise DecodeError(415, "empty_body", f"the 'image' field is empty; send a {ACCEPTED} file")
+        raise UploadError(415, "empty_body", f"the 'image' field is empty; send a {ACCEPTED} file")
     try:
         im = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise DecodeError(415, "unsupported_media_type",
+        raise UploadError(415, "unsupported_media_type",
                           f"the upload is not an image this service reads; send a {ACCEPTED} file") from None
     except Image.DecompressionBombError as e:
-        raise DecodeError(413, "too_many_pixels", f"{e}; the limit is {max_pixels} pixels") from None
+        raise UploadError(413, "too_many_pixels", f"{e}; the limit is {max_pixels} pixels") from None
     except (OSError, SyntaxError, ValueError) as e:  # a recognised format whose header is broken
-        raise DecodeError(422, "corrupt_image", f"the image header could not be read ({e})") from None
+        raise UploadError(422, "corrupt_image", f"the image header could not be read ({e})") from None
     if im.format not in ALLOWED_FORMATS:
-        raise DecodeError(415, "unsupported_media_type",
+        raise UploadError(415, "unsupported_media_type",
                           f"{im.format} images are not accepted; send a {ACCEPTED} file")
     w, h = im.size  # from the header: nothing decoded yet
     if w * h > max_pixels:
-        raise DecodeError(413, "too_many_pixels",
+        raise UploadError(413, "too_many_pixels",
                           f"the image is {w}x{h} = {w * h} pixels; the limit is {max_pixels} pixels")
     try:
         im.seek(0)  # animated images: the first frame
@@ -60,5 +54,5 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         im = ImageOps.exif_transpose(im)
         return _to_rgb(im)
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise DecodeError(422, "corrupt_image", f"the {im.format} image could not be decoded ({e}); "
+        raise UploadError(422, "corrupt_image", f"the {im.format} image could not be decoded ({e}); "
                           "it is truncated or corrupt") from None

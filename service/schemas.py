@@ -1,8 +1,13 @@
-"""Response models: these are the OpenAPI page's schemas and examples."""
+"""Response models (the OpenAPI page's schemas and examples) and the functions that build every answer."""
 
 from __future__ import annotations
 
+import base64
+
 from pydantic import BaseModel, Field
+
+from models.checkpoint import Checkpoint
+from models.classes import ClassSet
 
 
 class ClassPixels(BaseModel):
@@ -60,3 +65,44 @@ class ModelInfo(BaseModel):
 class ErrorBody(BaseModel):
     detail: str = Field(examples=["the image is 9000x9000 = 81000000 pixels; the limit is 40000000 pixels"])
     code: str = Field(examples=["too_many_pixels"])
+
+
+# Builders: every answer is made here, from the checkpoint's classes and a prediction, by the service and by
+# the LitServe comparison in bench/ alike.
+
+def hexcolor(rgb: tuple[int, int, int]) -> str:
+    return "#{:02x}{:02x}{:02x}".format(*rgb)
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def ms(seconds: float) -> float:
+    return round(seconds * 1000, 2)
+
+
+def class_pixels(classes: ClassSet, counts: list[int]) -> list[ClassPixels]:
+    total = sum(counts)
+    return [ClassPixels(index=i, name=n, color=hexcolor(c), pixels=p, fraction=round(p / total, 6))
+            for i, (n, c, p) in enumerate(zip(classes.names, classes.colors, counts, strict=True))]
+
+
+def segment_response(width: int, height: int, mask_png: bytes, counts: list[int], classes: ClassSet,
+                     model: ModelRef, timings: Timings, overlay_jpeg: bytes | None = None) -> SegmentResponse:
+    return SegmentResponse(width=width, height=height, mask=b64(mask_png), classes=class_pixels(classes, counts),
+                           overlay=b64(overlay_jpeg) if overlay_jpeg else None, model=model, timings_ms=timings)
+
+
+def model_info(checkpoint: Checkpoint, device: str, precision: str) -> ModelInfo:
+    m, classes = checkpoint.meta, checkpoint.meta.classes
+    return ModelInfo(
+        name=checkpoint.path.name, sha256=checkpoint.sha256, encoder=m.model.encoder, architecture=m.model.arch,
+        input_size=list(m.input_size),
+        classes=[ClassInfo(index=i, name=n, color=hexcolor(c), void=i == classes.void_index)
+                 for i, (n, c) in enumerate(zip(classes.names, classes.colors, strict=True))],
+        metrics=m.metrics, device=device, precision=precision, created=m.created, package_version=m.package_version)
+
+
+def model_ref(checkpoint: Checkpoint) -> ModelRef:
+    return ModelRef(name=checkpoint.path.name, sha256=checkpoint.sha256)

@@ -10,16 +10,16 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
-from .decode import DecodeError
+from .errors import UploadError
 
 
 async def read_image_field(request: Request, max_bytes: int, field: str = "image") -> bytes:
     ctype, params = parse_options_header(request.headers.get("content-type", ""))
     if ctype != b"multipart/form-data" or b"boundary" not in params:
-        raise DecodeError(422, "missing_field", f"send the image as multipart/form-data in a field named '{field}'")
+        raise UploadError(422, "missing_field", f"send the image as multipart/form-data in a field named '{field}'")
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
-        raise DecodeError(413, "too_large", f"the request body is {declared} bytes; the limit is {max_bytes} bytes")
+        raise UploadError(413, "too_large", f"the request body is {declared} bytes; the limit is {max_bytes} bytes")
 
     parts: dict[str, bytearray] = {}
     state = {"header": b"", "value": b"", "name": None, "headers": {}}
@@ -52,11 +52,11 @@ async def read_image_field(request: Request, max_bytes: int, field: str = "image
     async for chunk in request.stream():
         received += len(chunk)
         if received > max_bytes:
-            raise DecodeError(413, "too_large", f"the request body passed the limit of {max_bytes} bytes")
+            raise UploadError(413, "too_large", f"the request body passed the limit of {max_bytes} bytes")
         try:
             parser.write(chunk)
         except MultipartParseError as e:
-            raise DecodeError(422, "malformed_multipart", f"the multipart body could not be parsed ({e})") from None
+            raise UploadError(422, "malformed_multipart", f"the multipart body could not be parsed ({e})") from None
     if field not in parts:
-        raise DecodeError(422, "missing_field", f"no '{field}' field in the form; send the image as '{field}'")
+        raise UploadError(422, "missing_field", f"no '{field}' field in the form; send the image as '{field}'")
     return bytes(parts[field])

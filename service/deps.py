@@ -1,0 +1,62 @@
+"""What routes receive, each as an `Annotated` dependency: the settings, the shared state, and the predictor and
+batcher and codec threads once the model is loaded (503 `not_ready` before)."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request
+
+from .batcher import Batcher
+from .predictor import Predictor
+from .settings import Settings
+
+
+class State:
+    """What the lifespan builds once and the routes share."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.predictor: Predictor | None = None
+        self.batcher: Batcher | None = None
+        self.codec: ThreadPoolExecutor | None = None  # decodes uploads, encodes masks (and postprocesses on a CPU)
+        self.ready = False
+
+
+def get_state(request: Request) -> State:
+    return request.app.state.segment
+
+
+StateDep = Annotated[State, Depends(get_state)]
+
+
+def get_settings(state: StateDep) -> Settings:
+    return state.settings
+
+
+def get_ready_state(state: StateDep) -> State:
+    if not state.ready:
+        raise HTTPException(503, "the model is still loading; retry shortly")
+    return state
+
+
+ReadyDep = Annotated[State, Depends(get_ready_state)]
+
+
+def get_predictor(state: ReadyDep) -> Predictor:
+    return state.predictor
+
+
+def get_batcher(state: ReadyDep) -> Batcher:
+    return state.batcher
+
+
+def get_codec(state: ReadyDep) -> ThreadPoolExecutor:
+    return state.codec
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+PredictorDep = Annotated[Predictor, Depends(get_predictor)]
+BatcherDep = Annotated[Batcher, Depends(get_batcher)]
+CodecDep = Annotated[ThreadPoolExecutor, Depends(get_codec)]

@@ -1,0 +1,44 @@
+"""Every error the service answers is JSON `{detail, code}`: bad uploads, unknown routes, validation, overload."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+
+class UploadError(ValueError):
+    """A request whose upload cannot be segmented (not multipart, too large, not an image, corrupt); `status` and
+    `code` say how the HTTP layer reports it."""
+
+    def __init__(self, status: int, code: str, detail: str):
+        super().__init__(detail)
+        self.status, self.code, self.detail = status, code, detail
+
+
+def error_response(status: int, code: str, detail: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail, "code": code}, status_code=status, headers=headers)
+
+
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 503: "not_ready"}
+
+
+async def on_upload_error(request: Request, e: UploadError) -> JSONResponse:
+    return error_response(e.status, e.code, e.detail)
+
+
+async def on_validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+    first = e.errors()[0] if e.errors() else {}
+    where = ".".join(str(x) for x in first.get("loc", ()))
+    return error_response(422, "invalid_request", f"{where}: {first.get('msg', 'invalid request')}")
+
+
+async def on_http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+    return error_response(e.status_code, HTTP_CODES.get(e.status_code, "http_error"), str(e.detail), e.headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(UploadError, on_upload_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)

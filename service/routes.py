@@ -1,0 +1,130 @@
+"""The HTTP routes: parse and validate the request, hand the work to the predictor's threads, encode the answer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import torch
+from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi.responses import HTMLResponse, Response
+from PIL import Image
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from models.classes import ClassSet
+
+from .batcher import QueueFull
+from .decode import decode_image
+from .deps import BatcherDep, CodecDep, PredictorDep, SettingsDep, StateDep
+from .errors import error_response
+from .metrics import REGISTRY
+from .predictor import Predictor, mask_png, overlay_jpeg
+from .schemas import ErrorBody, ModelInfo, SegmentResponse, Timings, model_info, model_ref, ms, segment_response
+from .settings import Settings
+from .upload import read_image_field
+
+DEMO_PAGE = (Path(__file__).parent / "static" / "index.html").read_text()
+ERRORS = {s: {"model": ErrorBody} for s in (413, 415, 422, 503, 504)}
+PNG_ANSWER = {200: {"content": {"image/png": {}}, "description": "JSON by default; the palette PNG itself with "
+                    "`Accept: image/png` (counts in the X-Class-Pixels header)"}}
+
+router = APIRouter()
+
+
+def wants_png(request: Request) -> bool:
+    accept = request.headers.get("accept", "")
+    return "image/png" in accept and "application/json" not in accept
+
+
+@router.post("/segment", response_model=SegmentResponse, responses={**ERRORS, **PNG_ANSWER})
+async def segment(request: Request, settings: SettingsDep, predictor: PredictorDep, batcher: BatcherDep,
+                  codec: CodecDep, overlay: Annotated[bool, Query(description="add a JPEG overlay")] = False):
+    loop = asyncio.get_running_loop()
+    t0 = time.perf_counter()
+    try:
+        with batcher.arriving():  # a forming batch waits for this request while it is on its way
+            data = await read_image_field(request, settings.max_upload_bytes)
+            image, tensor = await loop.run_in_executor(codec, decode_and_preprocess, data, settings.max_pixels,
+                                                       predictor)
+            job = batcher.enqueue(tensor, (image.height, image.width))
+    except QueueFull:
+        return error_response(503, "overloaded", f"{settings.queue_size} requests are already waiting; retry "
+                              "shortly", {"Retry-After": "1"})
+    t1 = time.perf_counter()
+    try:
+        result = await asyncio.wait_for(job.future, settings.request_timeout_s)
+    except TimeoutError:
+        return error_response(504, "timeout", f"no result within {settings.request_timeout_s}s; the service is "
+                              "overloaded, retry later")
+    t2 = time.perf_counter()
+    classes = predictor.meta.classes
+    png, over = await loop.run_in_executor(codec, encode, image, result.mask, classes, overlay,
+                                           settings.overlay_alpha)
+    t3 = time.perf_counter()
+    if wants_png(request):
+        counts = dict(zip(classes.names, result.counts, strict=True))
+        return Response(png, media_type="image/png", headers={"X-Class-Pixels": json.dumps(counts)})
+    timings = Timings(decode=ms(t1 - t0), queue=ms(job.started - job.enqueued), inference=ms(t2 - job.started),
+                      encode=ms(t3 - t2))
+    return segment_response(image.width, image.height, png, result.counts, classes,
+                            model_ref(predictor.checkpoint), timings, over)
+
+
+@router.get("/model", response_model=ModelInfo)
+async def model(predictor: PredictorDep):
+    return model_info(predictor.checkpoint, str(predictor.device), str(predictor.dtype).removeprefix("torch."))
+
+
+@router.get("/", include_in_schema=False)
+async def demo():
+    return HTMLResponse(DEMO_PAGE)
+
+
+@router.get("/health")
+async def health():
+    return {"status": "ok"}
+
+
+@router.get("/ready", responses={503: {"model": ErrorBody}})
+async def ready(state: StateDep):
+    if not state.ready:
+        return error_response(503, "not_ready", "the model is still loading")
+    return {"status": "ready"}
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics():
+    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+
+def decode_and_preprocess(data: bytes, max_pixels: int, predictor: Predictor) -> tuple[Image.Image, torch.Tensor]:
+    image = decode_image(data, max_pixels)
+    return image, predictor.preprocess(image)
+
+
+def encode(image: Image.Image, mask: np.ndarray, classes: ClassSet, overlay: bool,
+           alpha: float) -> tuple[bytes, bytes | None]:
+    png = mask_png(mask, classes.palette())
+    return png, overlay_jpeg(image, mask, list(classes.colors), alpha) if overlay else None
+
+
+def document_upload(app: FastAPI, settings: Settings) -> None:
+    """/segment reads its body itself (streaming, capped), so FastAPI cannot describe it: add the multipart `image`
+    field to the OpenAPI schema, with this instance's limits (FastAPI's "extending OpenAPI" recipe)."""
+    limits = f"at most {settings.max_upload_bytes} bytes and {settings.max_pixels} pixels"
+    body = {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["image"],
+        "properties": {"image": {"type": "string", "format": "binary",
+                                 "description": f"JPEG, PNG, WebP, BMP, TIFF or GIF; {limits}"}}}}}}
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            generate()["paths"]["/segment"]["post"]["requestBody"] = body
+        return app.openapi_schema
+
+    app.openapi = openapi
