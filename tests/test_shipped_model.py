@@ -20,7 +20,7 @@ def test_shipped_model_is_the_service_default_and_describes_itself():
     assert ckpt.meta.classes.names[-1] == "Void" and ckpt.meta.classes.void_index == 11
     assert ckpt.meta.metrics["split"] == "valid" and ckpt.meta.metrics["images"] == 101
     assert ckpt.meta.data["files"] == 936  # 468 CamVid images + their labels
-    # the project's targets for the default model, measured on the full-resolution valid split when it was made
+    # what the default model is built to reach, measured on the full-resolution valid split when it was made
     assert ckpt.meta.metrics["pixel_accuracy"] >= 0.90 and ckpt.meta.metrics["mean_iou"] >= 0.65
 
 
