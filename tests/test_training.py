@@ -188,3 +188,57 @@ def test_ddp_two_processes_with_gloo(tmp_path, capsys):
     assert m["pixel_accuracy"] == pytest.approx(h[-1]["pixel_accuracy"], abs=1e-9)
     assert m["mean_iou"] == pytest.approx(h[-1]["mean_iou"], abs=1e-9)
     assert out.is_file()
+
+
+def test_resume_after_a_crash_between_log_and_state_keeps_one_record_per_epoch(tmp_path, monkeypatch):
+    # The power goes out after epoch 2 was logged to metrics.jsonl but before its resume state was saved: resuming
+    # redoes epoch 2 from epoch 1's state, and the log holds each epoch once.
+    config = TrainConfig(data=CAMVID, out=tmp_path / "c.safetensors", run_dir=tmp_path / "c", epochs=3,
+                         freeze_epochs=1, encoder_weights="none", **SMALL)
+    real_save = training.trainer.RunState.save
+    saves = {"n": 0}
+
+    def crash_on_second_save(self, *args, **kwargs):
+        saves["n"] += 1
+        if saves["n"] == 2:
+            raise KeyboardInterrupt
+        return real_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(training.trainer.RunState, "save", crash_on_second_save)
+    with pytest.raises(KeyboardInterrupt):
+        fit(config)
+    monkeypatch.setattr(training.trainer.RunState, "save", real_save)
+    assert [r["epoch"] for r in history(tmp_path / "c")] == [1, 2]
+    fit(TrainConfig(**{**config.__dict__, "resume": True}))
+    assert [r["epoch"] for r in history(tmp_path / "c")] == [1, 2, 3]
+
+
+def test_train_options_are_the_config_fields():
+    from training.cli import build_parser
+    from training.config import from_args
+
+    parser = build_parser()
+    plain = from_args(parser.parse_args(["train", "--data", "d", "--out", "o.safetensors"]))
+    assert plain == TrainConfig(data=Path("d"), out=Path("o.safetensors"))  # every default is the dataclass's
+    given = from_args(parser.parse_args([
+        "train", "--data", "d", "--out", "o.safetensors", "--wd", "0.5", "--quiet", "--no-progressive",
+        "--size", "72", "96", "--decoder-channels", "64", "32", "16", "16", "8", "--init", "x.safetensors"]))
+    assert (given.weight_decay, given.show_progress, given.progressive) == (0.5, False, False)
+    assert given.size == (72, 96) and given.decoder_channels == (64, 32, 16, 16, 8)
+    assert given.init == Path("x.safetensors")
+    # what a run saves in its state and checkpoints reads back as the same config
+    assert TrainConfig.from_dict(json.loads(json.dumps(given.to_dict()))) == given
+
+
+def test_a_bug_keeps_its_traceback_while_a_user_error_is_one_line(tmp_path, monkeypatch, capsys):
+    import training.cli
+
+    def broken(config):
+        raise KeyError("a bug, not the user's doing")
+
+    monkeypatch.setattr(training.cli, "fit", broken)
+    with pytest.raises(KeyError):
+        main(["train", "--data", str(CAMVID), "--out", str(tmp_path / "m.safetensors")])
+    monkeypatch.undo()
+    assert main(["train", "--data", str(CAMVID), "--out", str(tmp_path / "m.safetensors"), "--encoder", "nope"]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown encoder 'nope'")

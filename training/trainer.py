@@ -117,6 +117,9 @@ class RunState:
         if not path.is_file():
             raise NothingToResumeError(f"{path}: nothing to resume; start the run without --resume")
         saved = torch.load(path, map_location="cpu", weights_only=True)
+        if "run" not in saved:
+            raise NothingToResumeError(f"{path}: written by an earlier version of this package, which this one cannot "
+                                       "resume; start the run again with a new --run-dir")
         if saved["fingerprint"]["sha256"] != fingerprint["sha256"]:
             raise DataError(f"{path}: the run was started on other data ({saved['fingerprint']['files']} files, "
                             f"now {fingerprint['files']}); resume on the same folder or start a new --run-dir")
