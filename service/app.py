@@ -34,7 +34,8 @@ async def lifespan(app: FastAPI):
     settings = state.settings
     state.codec = ThreadPoolExecutor(settings.codec_threads or max(1, (os.cpu_count() or 2) // 2),
                                      thread_name_prefix="codec")
-    predictor = await asyncio.to_thread(Predictor.load, settings.checkpoint, settings.device, settings.precision)
+    predictor = await asyncio.to_thread(Predictor.load, settings.checkpoint, settings.device, settings.precision,
+                                        settings.backend, settings.cache_dir)
     batch_size = settings.batch_size_for(predictor.device)
     seconds = await asyncio.to_thread(predictor.warmup, settings.warmup_passes, batch_size)
     state.predictor = predictor
@@ -48,8 +49,8 @@ async def lifespan(app: FastAPI):
                             post_executor=None if predictor.device.type == "cuda" else state.codec)
     state.batcher.start()
     state.ready = True
-    log.info("serving %s on %s (%s, batches of up to %d), warm-up %.2fs", settings.checkpoint, predictor.device,
-             str(predictor.dtype).removeprefix("torch."), batch_size, seconds)
+    log.info("serving %s on %s with %s (%s, batches of up to %d), warm-up %.2fs", settings.checkpoint,
+             predictor.device, predictor.backend.name, predictor.precision, batch_size, seconds)
     yield
     state.ready = False
     await state.batcher.drain()

@@ -15,6 +15,8 @@ from models.checkpoint import Checkpoint, load_checkpoint
 from models.errors import ConfigError
 from models.processing import logits_to_mask, preprocess
 
+from .backends import Selection, select_backend
+
 
 @dataclass
 class Prediction:
@@ -37,19 +39,24 @@ def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 
 class Predictor:
-    """Owns the model on its device. forward() is called by one worker thread only; postprocess() from any."""
+    """Owns the network on its device, through one backend (backends.py). forward() is called by one worker thread
+    only; preprocess() and postprocess() from any."""
 
-    def __init__(self, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype):
-        self.checkpoint, self.device, self.dtype = checkpoint, device, dtype
-        self.meta = checkpoint.meta
-        self.model = checkpoint.model.to(device=device, dtype=dtype).eval()
-        if device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
+    def __init__(self, checkpoint: Checkpoint, selection: Selection):
+        self.checkpoint, self.meta = checkpoint, checkpoint.meta
+        self.backend, self.backend_notes = selection.backend, selection.notes
+        self.device = self.backend.device
 
     @classmethod
-    def load(cls, path: Path, device: str = "auto", precision: str = "auto") -> Predictor:
+    def load(cls, path: Path, device: str = "auto", precision: str = "auto", backend: str = "torch",
+             cache_dir: Path | None = None) -> Predictor:
         dev = pick_device(device)
-        return cls(load_checkpoint(path, "cpu"), dev, pick_dtype(precision, dev))
+        checkpoint = load_checkpoint(path, "cpu")
+        return cls(checkpoint, select_backend(checkpoint, dev, pick_dtype(precision, dev), backend, cache_dir))
+
+    @property
+    def precision(self) -> str:
+        return self.backend.precision
 
     @property
     def num_classes(self) -> int:
@@ -60,13 +67,9 @@ class Predictor:
         x = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # (3, H, W) uint8
         return preprocess(x, self.meta.input_size, self.meta.mean, self.meta.std)
 
-    @torch.inference_mode()
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         """batch: (B, 3, h, w) preprocessed → (B, C, h, w) logits on the device. One worker thread only."""
-        x = batch.to(self.device, non_blocking=True).to(self.dtype)
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.model(x)
+        return self.backend(batch)
 
     @torch.inference_mode()
     def postprocess(self, logits: torch.Tensor, size: tuple[int, int]) -> Prediction:

@@ -71,12 +71,13 @@ async def segment(request: Request, settings: SettingsDep, predictor: PredictorD
     timings = Timings(decode=ms(t1 - t0), queue=ms(job.started - job.enqueued), inference=ms(t2 - job.started),
                       encode=ms(t3 - t2))
     return segment_response(image.width, image.height, png, result.counts, classes,
-                            model_ref(predictor.checkpoint), timings, over)
+                            model_ref(predictor.checkpoint, predictor.backend.name, predictor.precision), timings, over)
 
 
 @router.get("/model", response_model=ModelInfo)
 async def model(predictor: PredictorDep):
-    return model_info(predictor.checkpoint, str(predictor.device), str(predictor.dtype).removeprefix("torch."))
+    return model_info(predictor.checkpoint, str(predictor.device), predictor.backend.name, predictor.precision,
+                      predictor.backend_notes)
 
 
 @router.get("/", include_in_schema=False)

@@ -21,6 +21,8 @@ class ClassPixels(BaseModel):
 class ModelRef(BaseModel):
     name: str = Field(examples=["camvid.safetensors"])
     sha256: str
+    backend: str = Field(description="what runs the network: torch, onnxruntime or openvino", examples=["onnxruntime"])
+    precision: str = Field(examples=["float32"])
 
 
 class Timings(BaseModel):
@@ -57,7 +59,10 @@ class ModelInfo(BaseModel):
     classes: list[ClassInfo]
     metrics: dict
     device: str
+    backend: str = Field(description="what runs the network: torch, onnxruntime or openvino (SEGMENT_BACKEND)")
     precision: str
+    backend_notes: list[str] = Field(description="how the backend was chosen at start-up: runtimes tried, why one "
+                                     "was not used, each one's measured speed")
     created: str
     package_version: str
 
@@ -94,15 +99,16 @@ def segment_response(width: int, height: int, mask_png: bytes, counts: list[int]
                            overlay=b64(overlay_jpeg) if overlay_jpeg else None, model=model, timings_ms=timings)
 
 
-def model_info(checkpoint: Checkpoint, device: str, precision: str) -> ModelInfo:
+def model_info(checkpoint: Checkpoint, device: str, backend: str, precision: str, notes: list[str]) -> ModelInfo:
     m, classes = checkpoint.meta, checkpoint.meta.classes
     return ModelInfo(
         name=checkpoint.path.name, sha256=checkpoint.sha256, encoder=m.model.encoder, architecture=m.model.arch,
         input_size=list(m.input_size),
         classes=[ClassInfo(index=i, name=n, color=hexcolor(c), void=i == classes.void_index)
                  for i, (n, c) in enumerate(zip(classes.names, classes.colors, strict=True))],
-        metrics=m.metrics, device=device, precision=precision, created=m.created, package_version=m.package_version)
+        metrics=m.metrics, device=device, backend=backend, precision=precision, backend_notes=notes, created=m.created,
+        package_version=m.package_version)
 
 
-def model_ref(checkpoint: Checkpoint) -> ModelRef:
-    return ModelRef(name=checkpoint.path.name, sha256=checkpoint.sha256)
+def model_ref(checkpoint: Checkpoint, backend: str, precision: str) -> ModelRef:
+    return ModelRef(name=checkpoint.path.name, sha256=checkpoint.sha256, backend=backend, precision=precision)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -12,6 +13,7 @@ if TYPE_CHECKING:
     import torch
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "camvid.safetensors"
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "camvid-segment"
 
 
 class Settings(BaseSettings):
@@ -21,6 +23,11 @@ class Settings(BaseSettings):
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: CUDA when present")
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
         "auto", description="auto: fp16 on CUDA, fp32 on CPU; half precision applies on CUDA only")
+    backend: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
+        "auto", description="what runs the network. auto: torch on CUDA; on a CPU the fastest of torch, ONNX Runtime "
+                            "and OpenVINO, timed at start-up among those whose masks match torch's")
+    cache_dir: Path | None = Field(DEFAULT_CACHE, description="where the ONNX export of the checkpoint is kept "
+                                   "between starts (a temporary folder when it cannot be written)")
     max_batch_size: int = Field(0, ge=0, le=256, description="most images in one forward pass; 0: 16 on CUDA, 1 "
                                 "on CPU (CPU convolutions run slower per image in bigger batches)")
     max_batch_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits for more requests, "

@@ -1,3 +1,4 @@
+import os
 import shutil
 from pathlib import Path
 
@@ -31,3 +32,17 @@ def small_unet(classes) -> tuple[UNet, CheckpointMeta]:
     meta = CheckpointMeta(model=config, classes=classes, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
                           input_size=(72, 96), metrics={"mean_iou": 0.5})
     return model, meta
+
+
+@pytest.fixture(scope="session", autouse=True)
+def segment_cache(tmp_path_factory) -> Path:
+    """The service's ONNX exports (SEGMENT_CACHE_DIR) go to this test session's own folder, not ~/.cache; servers
+    the tests start inherit it."""
+    path = tmp_path_factory.mktemp("segment-cache")
+    before = os.environ.get("SEGMENT_CACHE_DIR")
+    os.environ["SEGMENT_CACHE_DIR"] = str(path)
+    yield path
+    if before is None:
+        os.environ.pop("SEGMENT_CACHE_DIR", None)
+    else:
+        os.environ["SEGMENT_CACHE_DIR"] = before

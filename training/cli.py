@@ -14,7 +14,8 @@ from PIL import Image
 
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.encoders import normalization
-from models.errors import UserError
+from models.errors import ConfigError, UserError
+from models.export import export_onnx
 from models.processing import logits_to_mask, preprocess
 from models.unet import UNetConfig, build_unet
 
@@ -77,18 +78,27 @@ def _print_metrics(m: dict) -> None:
 
 
 def cmd_export(a: argparse.Namespace) -> None:
-    """Promote a checkpoint to a serving model: choose its input size, re-score it there, store the result."""
+    """A checkpoint as a serving model: with --data, choose its input size and re-score it there first; written as
+    .safetensors (this service) or ONNX (Triton, ONNX Runtime, OpenVINO: models/export.py)."""
     device = resolve_device(a.device)
     ckpt = load_checkpoint(a.checkpoint, device)
-    size = _size(a.size) or ckpt.meta.input_size
-    m = _score(a, ckpt, device, size, show=False)
-    kept = {k: m[k] for k in KEPT_METRICS}
-    kept.update(epoch=ckpt.meta.metrics.get("epoch"), split=a.split, images=m["images"])
-    meta = dataclasses.replace(ckpt.meta, input_size=tuple(size), metrics=kept)
-    save_checkpoint(a.out, ckpt.model.cpu(), meta, half=a.half)
-    _print_metrics(m)
-    print(f"wrote {a.out} (input size {size[0]}x{size[1]}, {'fp16' if a.half else 'fp32'} weights, "
-          f"{a.out.stat().st_size / 1e6:.1f} MB)")
+    if a.size and not a.data:
+        raise ConfigError("--size changes what the stored metrics describe: give --data too, to re-score there")
+    if a.data:
+        size = _size(a.size) or ckpt.meta.input_size
+        m = _score(a, ckpt, device, size, show=False)
+        kept = {k: m[k] for k in KEPT_METRICS}
+        kept.update(epoch=ckpt.meta.metrics.get("epoch"), split=a.split, images=m["images"])
+        ckpt.meta = dataclasses.replace(ckpt.meta, input_size=tuple(size), metrics=kept)
+        _print_metrics(m)
+    h, w = ckpt.meta.input_size
+    if a.format == "onnx":
+        export_onnx(ckpt, a.out)
+        detail = "ONNX, fp32"
+    else:
+        save_checkpoint(a.out, ckpt.model.cpu(), ckpt.meta, half=a.half)
+        detail = "fp16 weights" if a.half else "fp32 weights"
+    print(f"wrote {a.out} (input size {h}x{w}, {detail}, {a.out.stat().st_size / 1e6:.1f} MB)")
 
 
 def cmd_lr_find(a: argparse.Namespace) -> None:
@@ -160,13 +170,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="predict at this input size instead of the checkpoint's")
     e.add_argument("--json", action="store_true", help="print one JSON object")
 
-    x = _scoring_parser(sub, "export", "write a serving checkpoint: pick its input size, re-score it, store fp16",
-                        cmd_export)
+    x = sub.add_parser("export", help="write a serving model: .safetensors (optionally at another input size, "
+                       "re-scored there, fp16) or a standalone ONNX file")
+    add_options(x, ["device", "workers", "bs"])
+    x.add_argument("--checkpoint", type=Path, required=True)
     x.add_argument("--out", type=Path, required=True)
+    x.add_argument("--format", default="safetensors", choices=["safetensors", "onnx"],
+                   help="onnx: one file with class names, colours, void index, normalisation and input size in its "
+                        "metadata, for Triton or ONNX Runtime without this package")
+    x.add_argument("--data", type=Path, help="re-score on this CamVid folder (its --split) and store those metrics")
+    x.add_argument("--split", default="valid", choices=SPLITS)
     x.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
-                   help="input size the service resizes uploads to (default: the checkpoint's); the metrics "
-                        "stored are measured at this size")
-    x.add_argument("--half", action="store_true", help="store fp16 weights (half the file size)")
+                   help="input size the service resizes uploads to (default: the checkpoint's); needs --data")
+    x.add_argument("--half", action="store_true", help="store fp16 weights (safetensors; half the file size)")
+    x.set_defaults(func=cmd_export)
 
     s = _scoring_parser(sub, "show", "grid of image | ground truth | prediction", cmd_show)
     s.add_argument("--out", type=Path, required=True)

@@ -1,0 +1,192 @@
+"""Where the network runs. Every backend is one call: (B, 3, h, w) float32 network input → (B, C, h, w) logits.
+
+- `torch`: eager PyTorch on the device (fp16 and channels_last on CUDA by default).
+- `onnxruntime`, `openvino`: the checkpoint exported to ONNX (models/export.py), run on the CPU in fp32.
+
+The .safetensors checkpoint stays the one source of truth: the export is made here, at start-up, and cached under
+SEGMENT_CACHE_DIR in a file named after the checkpoint's sha256 and the versions that wrote it; a cached file is
+used only when its own metadata names that checkpoint and those versions, and a cache folder that cannot be
+written is replaced by a temporary one. An ONNX backend serves only after its masks agree with torch's on a
+warm-up image (argmax on ≥ 99.9% of pixels). `auto` on a CPU times every backend that passed on that image and
+keeps the fastest (their order differs between CPUs: BENCHMARKS.md); on CUDA it is torch. Anything that fails
+(a runtime not installed, an export error, a parity miss) is logged in one line and the service runs on torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from models import __version__
+from models.checkpoint import Checkpoint
+from models.export import INPUT, OPSET, OUTPUT, export_onnx, onnx_metadata
+from models.processing import preprocess
+
+log = logging.getLogger("service")
+
+RUNTIMES = ("onnxruntime", "openvino")
+PARITY = 0.999  # least share of warm-up pixels whose class must match torch's
+
+
+class ParityError(RuntimeError):
+    """An ONNX backend's masks differ from torch's on the warm-up image."""
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype, self.precision = device, dtype, str(dtype).removeprefix("torch.")
+        self.model = model.to(device=device, dtype=dtype).eval()
+        if device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        x = batch.to(self.device, non_blocking=True).to(self.dtype)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.model(x)
+
+
+class OnnxRuntimeBackend:
+    name, precision, device = "onnxruntime", "float32", torch.device("cpu")
+
+    def __init__(self, path: Path, cache_dir: Path | None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run([OUTPUT], {INPUT: batch.contiguous().numpy()})[0])
+
+
+class OpenVinoBackend:
+    name, precision, device = "openvino", "float32", torch.device("cpu")
+
+    def __init__(self, path: Path, cache_dir: Path | None):
+        import openvino as ov
+
+        # f32: on CPUs with AMX/AVX-512 bf16 OpenVINO would otherwise run in bf16 (2.4x faster here, but only 98.9%
+        # of pixels agree with fp32: BENCHMARKS.md).
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+        if cache_dir is not None:
+            config["CACHE_DIR"] = str(cache_dir / "openvino")
+        self.request = ov.Core().compile_model(str(path), "CPU", config).create_infer_request()
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:  # one caller at a time (the inference thread)
+        return torch.from_numpy(self.request.infer({0: batch.contiguous().numpy()})[0])
+
+
+BUILDERS = {"onnxruntime": OnnxRuntimeBackend, "openvino": OpenVinoBackend}
+Backend = TorchBackend | OnnxRuntimeBackend | OpenVinoBackend
+
+
+@dataclass
+class Selection:
+    backend: Backend
+    notes: list[str] = field(default_factory=list)  # what was tried at start-up and how it went, one line each
+
+
+def onnx_cache_name(checkpoint: Checkpoint) -> str:
+    exporter = torch.__version__.replace("+", "_")
+    return f"{checkpoint.sha256}-torch{exporter}-opset{OPSET}-v{__version__}.onnx"
+
+
+def _is_export_of(path: Path, checkpoint: Checkpoint) -> bool:
+    import onnx
+
+    try:
+        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    except Exception:  # a truncated or foreign file: protobuf and onnx raise many types; it is re-exported
+        return False
+    expected = onnx_metadata(checkpoint)
+    return all(props.get(k) == expected[k] for k in ("checkpoint_sha256", "package_version", "exporter"))
+
+
+def cached_onnx(checkpoint: Checkpoint, cache_dir: Path | None) -> tuple[Path, Path | None]:
+    """The checkpoint's ONNX export, from the cache when a valid one is there; returns it and the cache folder
+    actually used (a temporary one when `cache_dir` cannot be written)."""
+    name = onnx_cache_name(checkpoint)
+    if cache_dir is not None:
+        path = cache_dir / name
+        if path.is_file() and _is_export_of(path, checkpoint):
+            return path, cache_dir
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            return export_onnx(checkpoint, path), cache_dir
+        except OSError as e:
+            log.warning("ONNX cache %s is not writable (%s); exporting to a temporary folder", cache_dir, e)
+    temporary = Path(tempfile.mkdtemp(prefix="segment-onnx-"))
+    return export_onnx(checkpoint, temporary / name), temporary
+
+
+def warmup_input(checkpoint: Checkpoint) -> torch.Tensor:
+    """(1, 3, h, w): a fixed, smooth random picture (broad blobs of colour, like a scene at a distance), so the
+    parity check compares masks with real regions and edges, not the flat mask of a blank input."""
+    h, w = checkpoint.meta.input_size
+    g = torch.Generator().manual_seed(0)
+    coarse = torch.rand(1, 3, max(1, h // 24), max(1, w // 24), generator=g)
+    image = (F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False).clamp(0, 1) * 255).byte()
+    return preprocess(image[0], (h, w), checkpoint.meta.mean, checkpoint.meta.std)[None]
+
+
+def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float().argmax(1).cpu() == b.float().argmax(1).cpu()).float().mean().item()
+
+
+def ms_per_call(backend: Backend, x: torch.Tensor, calls: int = 5) -> float:
+    backend(x)
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        backend(x)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000
+
+
+def select_backend(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, choice: str,
+                   cache_dir: Path | None) -> Selection:
+    """The backend SEGMENT_BACKEND asks for, if it works and agrees with torch; torch otherwise."""
+    torch_backend = TorchBackend(checkpoint.model, device, dtype)
+    if choice == "torch" or (choice == "auto" and device.type == "cuda"):
+        return Selection(torch_backend)
+    if device.type == "cuda":
+        note = f"{choice} runs on the CPU here and the device is CUDA: serving with torch"
+        log.warning(note)
+        return Selection(torch_backend, [note])
+    x = warmup_input(checkpoint)
+    reference = torch_backend(x)
+    passed, notes = [torch_backend], []
+    path: Path | None = None
+    for name in RUNTIMES if choice == "auto" else (choice,):
+        try:
+            if path is None:
+                path, cache_dir = cached_onnx(checkpoint, cache_dir)
+            backend = BUILDERS[name](path, cache_dir)
+            agree = agreement(backend(x), reference)
+            if agree < PARITY:
+                raise ParityError(f"its masks agree with torch on {agree:.4%} of the warm-up pixels (< {PARITY:.1%})")
+            passed.append(backend)
+        # Whatever a runtime raises (ImportError when not installed, its own error types when the export or the
+        # compile fails) means the same here: this runtime is not used, torch serves, and the log says why.
+        except Exception as e:
+            notes.append(f"{name} not used ({type(e).__name__}: {e}); serving with torch" if choice != "auto"
+                         else f"{name} not used ({type(e).__name__}: {e})")
+            log.warning(notes[-1])
+    if choice != "auto":
+        return Selection(passed[-1], notes)
+    speeds = {b.name: ms_per_call(b, x) for b in passed}
+    notes.append("start-up timing, ms per image: " + ", ".join(f"{n} {v:.1f}" for n, v in speeds.items()))
+    best = min(passed, key=lambda b: speeds[b.name])
+    log.info("backend %s (%s)", best.name, notes[-1])
+    return Selection(best, notes)

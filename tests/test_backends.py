@@ -1,0 +1,151 @@
+"""The network behind SEGMENT_BACKEND: torch, ONNX Runtime, OpenVINO; the ONNX export, its cache, and falling back."""
+
+import base64
+import io
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from models.checkpoint import load_checkpoint
+from service import backends
+from service.app import create_app
+from service.backends import onnx_cache_name
+from service.predictor import Predictor
+from service.settings import Settings
+from training.cli import main
+
+from .conftest import CAMVID
+from .test_service import checkpoint  # noqa: F401  (the module's small checkpoint, input size 64x96)
+
+FRAMES = sorted((CAMVID / "images").iterdir())
+
+
+def served_mask(client, image_bytes) -> tuple[np.ndarray, dict]:
+    r = client.post("/segment", files={"image": ("x.png", image_bytes)})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    return np.array(Image.open(io.BytesIO(base64.b64decode(body["mask"])))), body
+
+
+@pytest.mark.parametrize("name", ["onnxruntime", "openvino"])
+def test_onnx_backends_serve_the_masks_torch_serves(checkpoint, tmp_path, name):  # noqa: F811
+    masks = {}
+    for backend in ("torch", name):
+        settings = Settings(checkpoint=checkpoint, device="cpu", backend=backend, cache_dir=tmp_path, warmup_passes=1)
+        with TestClient(create_app(settings)) as client:
+            info = client.get("/model").json()
+            assert (info["backend"], info["precision"]) == (backend, "float32")
+            masks[backend] = []
+            for frame in FRAMES:
+                mask, body = served_mask(client, frame.read_bytes())
+                assert body["model"]["backend"] == backend and body["model"]["precision"] == "float32"
+                assert sum(c["pixels"] for c in body["classes"]) == mask.size
+                masks[backend].append(mask)
+    pixels = sum(m.size for m in masks["torch"])
+    same = sum(int((a == b).sum()) for a, b in zip(masks["torch"], masks[name], strict=True))
+    assert same / pixels >= 0.999
+    assert (tmp_path / onnx_cache_name(load_checkpoint(checkpoint))).is_file()
+
+
+def test_auto_on_a_cpu_times_every_backend_and_keeps_the_fastest(checkpoint, tmp_path):  # noqa: F811
+    p = Predictor.load(checkpoint, "cpu", backend="auto", cache_dir=tmp_path)
+    timing = p.backend_notes[-1]
+    assert timing.startswith("start-up timing, ms per image: torch ")
+    speeds = {k: float(v) for k, v in (x.split() for x in timing.split(": ")[1].split(", "))}
+    assert set(speeds) == {"torch", "onnxruntime", "openvino"}
+    assert p.backend.name == min(speeds, key=speeds.get)
+
+
+def test_the_export_is_cached_by_checkpoint_and_versions_and_a_bad_entry_is_rewritten(checkpoint, tmp_path):  # noqa: F811
+    ckpt = load_checkpoint(checkpoint)
+    path, used = backends.cached_onnx(ckpt, tmp_path)
+    assert used == tmp_path and path.name == onnx_cache_name(ckpt) and ckpt.sha256 in path.name
+    written = path.stat().st_mtime_ns
+    assert backends.cached_onnx(ckpt, tmp_path)[0].stat().st_mtime_ns == written  # reused, not re-exported
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a copy cut short
+    assert not backends._is_export_of(path, ckpt)
+    assert backends.cached_onnx(ckpt, tmp_path)[0] == path
+    assert backends._is_export_of(path, ckpt)  # exported again
+    # an entry from another checkpoint under this name (copied by hand, or a sha256 collision) is not trusted
+    other = load_checkpoint(checkpoint)
+    other.sha256 = "0" * 64  # the same network under another checkpoint's name
+    other_path, _ = backends.cached_onnx(other, tmp_path / "other")
+    path.write_bytes(other_path.read_bytes())
+    assert not backends._is_export_of(path, ckpt)
+    backends.cached_onnx(ckpt, tmp_path)
+    assert backends._is_export_of(path, ckpt)
+
+
+def _shipped():
+    from .test_shipped_model import SHIPPED
+    return SHIPPED
+
+
+def test_a_cache_folder_that_cannot_be_written_does_not_stop_start_up(checkpoint, tmp_path):  # noqa: F811
+    blocker = tmp_path / "a-file"
+    blocker.write_text("the cache folder would have to be inside this file")
+    p = Predictor.load(checkpoint, "cpu", backend="onnxruntime", cache_dir=blocker / "cache")
+    assert p.backend.name == "onnxruntime"
+
+
+def test_a_missing_runtime_or_a_parity_miss_falls_back_to_torch_and_says_so(checkpoint, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as if the package were not installed
+    settings = Settings(checkpoint=checkpoint, device="cpu", backend="openvino", cache_dir=tmp_path, warmup_passes=1)
+    with TestClient(create_app(settings)) as client:
+        info = client.get("/model").json()
+        assert info["backend"] == "torch"
+        assert "openvino not used (ModuleNotFoundError" in info["backend_notes"][0]
+        assert served_mask(client, FRAMES[0].read_bytes())[1]["model"]["backend"] == "torch"
+    monkeypatch.setattr(backends, "PARITY", 1.01)  # no runtime can agree with torch on more than every pixel
+    p = Predictor.load(checkpoint, "cpu", backend="auto", cache_dir=tmp_path)
+    assert p.backend.name == "torch"
+    assert any("onnxruntime not used (ParityError: its masks agree with torch on" in n for n in p.backend_notes)
+
+
+ONNX_ALONE = textwrap.dedent('''
+    """Serve the exported file with onnxruntime, numpy and Pillow only, reading everything from its metadata."""
+    import json, sys
+    import numpy as np, onnxruntime as ort
+    from PIL import Image
+
+    session = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    h, w = map(int, meta["input_size"].split(","))
+    norm = json.loads(meta["normalization"])
+    image = Image.open(sys.argv[2]).convert("RGB")
+    x = np.asarray(image.resize((w, h), Image.BILINEAR), dtype=np.float32) * norm["scale"]
+    x = ((x - norm["mean"]) / norm["std"]).transpose(2, 0, 1)[None].astype(np.float32)
+    logits = session.run(["logits"], {"image": x})[0][0]
+    up = np.stack([np.asarray(Image.fromarray(c).resize(image.size, Image.BILINEAR)) for c in logits])
+    up[int(meta["void_index"])] = -np.inf
+    np.save(sys.argv[3], up.argmax(0).astype(np.uint8))
+    ours = sorted(m for m in sys.modules if m.split(".")[0] in ("models", "torch"))
+    print(json.dumps({"classes": json.loads(meta["classes"]), "modules": ours}))
+''')
+
+
+def test_exported_onnx_serves_without_this_package(tmp_path, capsys):
+    shipped = _shipped()
+    out = tmp_path / "camvid.onnx"
+    assert main(["export", "--checkpoint", str(shipped), "--format", "onnx", "--out", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    script = tmp_path / "alone.py"
+    script.write_text(ONNX_ALONE)
+    frame = FRAMES[0]
+    done = subprocess.run([sys.executable, "-I", str(script), str(out), str(frame), str(tmp_path / "mask.npy")],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["modules"] == [] and report["classes"][-1] == "Void"
+    alone = np.load(tmp_path / "mask.npy")
+    settings = Settings(checkpoint=shipped, device="cpu", backend="torch", warmup_passes=0)
+    with TestClient(create_app(settings)) as client:
+        served, _ = served_mask(client, frame.read_bytes())
+    # Pillow's resize instead of torch's: the same mask but for a few pixels on class boundaries
+    assert alone.shape == served.shape and (alone == served).mean() > 0.98
