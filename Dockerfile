@@ -46,9 +46,12 @@ CMD ["--help"]
 FROM deps AS serve
 COPY models/ models/
 COPY service/ service/
+# The ONNX export of the checkpoint (SEGMENT_BACKEND) is cached here; compose mounts a volume on it.
+RUN mkdir -p /app/cache && chown 10001:10001 /app/cache
 USER 10001:10001
 ENV SEGMENT_HOST=0.0.0.0 \
-    SEGMENT_PORT=8000
+    SEGMENT_PORT=8000 \
+    SEGMENT_CACHE_DIR=/app/cache
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-m", "service.healthcheck"]

@@ -24,18 +24,18 @@ class State:
         self.ready = False
 
 
-def get_state(request: Request) -> State:
+async def get_state(request: Request) -> State:
     return request.app.state.segment
 
 
 StateDep = Annotated[State, Depends(get_state)]
 
 
-def get_settings(state: StateDep) -> Settings:
+async def get_settings(state: StateDep) -> Settings:
     return state.settings
 
 
-def get_ready_state(state: StateDep) -> State:
+async def get_ready_state(state: StateDep) -> State:
     if not state.ready:
         raise HTTPException(503, "the model is still loading; retry shortly")
     return state
@@ -44,15 +44,15 @@ def get_ready_state(state: StateDep) -> State:
 ReadyDep = Annotated[State, Depends(get_ready_state)]
 
 
-def get_predictor(state: ReadyDep) -> Predictor:
+async def get_predictor(state: ReadyDep) -> Predictor:
     return state.predictor
 
 
-def get_batcher(state: ReadyDep) -> Batcher:
+async def get_batcher(state: ReadyDep) -> Batcher:
     return state.batcher
 
 
-def get_codec(state: ReadyDep) -> ThreadPoolExecutor:
+async def get_codec(state: ReadyDep) -> ThreadPoolExecutor:
     return state.codec
 
 
