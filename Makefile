@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test lint setup serve bench-train bench-serve clean
+.PHONY: test lint setup serve bench-train bench-serve bench-runtimes gpu-wheels gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,34 @@ bench-train: setup
 bench-serve: setup
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) bench/serve.py --data $(DATA)
+
+bench-runtimes: setup
+	$(PY) bench/runtimes.py --data $(DATA)
+
+# GPU hosts come with their own Python and torch (often another torch build) and often no package registry.
+# `make gpu-wheels` (where PyPI is reachable) fetches the pure-Python packages the service and the tests need
+# beyond what such a host has, at this project's pinned versions, for GPU_PY (the host's Python version);
+# `make gpu-check` (on the GPU host, with those wheels copied along) installs them into a side folder, never
+# touching torch, and runs bench/gpu_check.py: the CUDA tests, the serving benchmark and a short training run.
+GPU_PYTHON ?= python3
+GPU_PY ?= 3.12
+GPU_WHEELS ?= .gpu-wheels
+GPU_SITE ?= /tmp/camvid-gpu-site
+GPU_PACKAGES := fastapi starlette uvicorn pydantic pydantic-core pydantic-settings python-dotenv typing-inspection \
+	annotated-types python-multipart fastapi-offline
+space := $(subst ,, )
+GPU_PATTERN := $(subst -,[-_],$(subst $(space),|,$(strip $(GPU_PACKAGES))))
+GPU_PLATFORMS := $(foreach n,28 27 17,--platform manylinux_2_$(n)_x86_64) --platform manylinux2014_x86_64
+
+gpu-wheels: setup
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version $(GPU_PY) --implementation cp \
+		$(GPU_PLATFORMS) -d $(GPU_WHEELS) $$($(PY) -m pip freeze | grep -iE '^($(GPU_PATTERN))==')
+	@ls $(GPU_WHEELS)
+
+gpu-check:
+	$(GPU_PYTHON) -m pip install --quiet --no-index --no-deps --no-compile --upgrade --target $(GPU_SITE) \
+		$(GPU_WHEELS)/*.whl
+	PYTHONPATH=$(GPU_SITE):$(CURDIR) $(GPU_PYTHON) bench/gpu_check.py --data $(DATA)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.encoders import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from models.unet import UNetConfig, build_unet  # noqa: E402
 from training.data import SegmentationDataset, collate, open_folder  # noqa: E402
-from training.engine import evaluate, train_one_epoch  # noqa: E402
+from training.engine import Amp, evaluate, train_one_epoch  # noqa: E402
 from training.transforms import Compose, Resize, ToInput, eval_transforms  # noqa: E402
 
 SIZE = (180, 240)
@@ -36,7 +36,8 @@ SIZE = (180, 240)
 
 def ours(folder, train_pairs, args) -> tuple[list[float], torch.nn.Module]:
     torch.manual_seed(0)
-    model = build_unet(UNetConfig("resnet34", folder.classes.num_classes), "none")
+    device = torch.device(args.device)
+    model = build_unet(UNetConfig("resnet34", folder.classes.num_classes), "none").to(device)
     # Same input pipeline as fastai's side: resize only, so the comparison is the network and the loop.
     tf = Compose([Resize(SIZE, mask=True), ToInput(SIZE, IMAGENET_MEAN, IMAGENET_STD)])
     ds = SegmentationDataset(train_pairs, tf)
@@ -48,7 +49,7 @@ def ours(folder, train_pairs, args) -> tuple[list[float], torch.nn.Module]:
     times = []
     for _ in range(args.epochs):
         t0 = time.perf_counter()
-        train_one_epoch(model, loader, loss_fn, opt, sched, torch.device("cpu"), None, show=False)
+        train_one_epoch(model, loader, loss_fn, opt, sched, device, Amp.for_device(device), show=False)
         times.append(time.perf_counter() - t0)
     return times, model
 
@@ -99,8 +100,8 @@ def score(model, folder, args) -> dict:
     ds = SegmentationDataset(folder.pairs("valid"), eval_transforms(SIZE, IMAGENET_MEAN, IMAGENET_STD))
     loader = DataLoader(ds, batch_size=args.bs, num_workers=0, collate_fn=collate)
     c = folder.classes
-    return evaluate(model, loader, c.num_classes, c.ignore_index, c.void_index, torch.device("cpu"), list(c.names),
-                    show=False)
+    device = next(model.parameters()).device
+    return evaluate(model, loader, c.num_classes, c.ignore_index, c.void_index, device, list(c.names), show=False)
 
 
 def main() -> None:
@@ -111,6 +112,9 @@ def main() -> None:
     p.add_argument("--bs", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where our side trains (fastai: CPU)")
+    p.add_argument("--ours-only", action="store_true", help="time our side alone (no fastai installed, e.g. on a "
+                   "GPU host): the table then has no ratio")
     p.add_argument("--no-record", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -118,7 +122,8 @@ def main() -> None:
     train_pairs = folder.pairs("train")[: args.train_images or None]
 
     results = {}
-    for name, run in (("fastai DynamicUnet", fastai_side), ("ours", ours)):
+    sides = (("ours", ours),) if args.ours_only else (("fastai DynamicUnet", fastai_side), ("ours", ours))
+    for name, run in sides:
         times, model = run(folder, train_pairs, args)
         m = score(model, folder, args)
         n_params = sum(q.numel() for q in model.parameters())
@@ -126,11 +131,12 @@ def main() -> None:
         results[name] = (per_epoch, m, n_params)
         print(f"{name}: {per_epoch:.1f} s/epoch, acc {m['pixel_accuracy']:.4f}, mIoU {m['mean_iou']:.4f}", flush=True)
 
-    ref = results["fastai DynamicUnet"][0]
+    ref = results["fastai DynamicUnet"][0] if "fastai DynamicUnet" in results else None
     rows = ["| model | params | s/epoch | s/image | × fastai time | pixel acc (no void) | mIoU |",
             "|---|---|---|---|---|---|---|"]
     for name, (sec, m, n) in results.items():
-        rows.append(f"| {name} | {n / 1e6:.1f} M | {sec:.1f} | {sec / len(train_pairs):.3f} | {sec / ref:.2f} | "
+        ratio = f"{sec / ref:.2f}" if ref else "–"
+        rows.append(f"| {name} | {n / 1e6:.1f} M | {sec:.1f} | {sec / len(train_pairs):.3f} | {ratio} | "
                     f"{m['pixel_accuracy']:.4f} | {m['mean_iou']:.4f} |")
     table = "\n".join(rows)
     print(table)
@@ -138,7 +144,8 @@ def main() -> None:
         cmd = "python bench/train.py " + " ".join(sys.argv[1:])
         note = (f"\n### Training vs fastai — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC\n\n"
                 f"`{cmd}` — {len(train_pairs)} training images, {args.epochs} epochs, 180×240, batch {args.bs}, "
-                f"CPU ({platform.machine()}, {args.threads} threads), torch {torch.__version__}; "
+                f"{torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'} ({platform.machine()}, "
+                f"{args.threads} threads), torch {torch.__version__}; "
                 f"scored on {len(folder.pairs('valid'))} valid images at native size.\n\n{table}\n")
         with (Path(__file__).resolve().parents[1] / "BENCHMARKS.md").open("a") as f:
             f.write(note)

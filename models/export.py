@@ -37,7 +37,9 @@ def onnx_metadata(checkpoint: Checkpoint) -> dict[str, str]:
 def export_onnx(checkpoint: Checkpoint, path: Path) -> Path:
     """Write `path` atomically (temp file + rename): one file, weights included, fp32 whatever the checkpoint stores."""
     path = Path(path)
-    model = copy.deepcopy(checkpoint.model).float().cpu().eval()  # the caller keeps its model as it was
+    # a copy, so the caller keeps its model as it was; contiguous: channels_last weights make the exporter guard the
+    # batch dimension to a fixed range
+    model = copy.deepcopy(checkpoint.model).float().cpu().to(memory_format=torch.contiguous_format).eval()
     example = torch.zeros(1, 3, *checkpoint.meta.input_size)
     program = torch.onnx.export(model, (example,), input_names=[INPUT], output_names=[OUTPUT], opset_version=OPSET,
                                 dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},), dynamo=True,

@@ -1,0 +1,165 @@
+"""The network on each runtime installed here: speed of the bare forward, and the masks it serves.
+
+For each backend the service can run (torch, ONNX Runtime, OpenVINO; plus variants it does not serve, for the
+record: torch with contiguous tensors, OpenVINO at its default bf16 on CPUs that have it), in one process:
+ms per image at batch 1 on the checkpoint's input size, then every image of a split through the service's own
+preprocess → backend → postprocess, scored against the labels (pixel accuracy, mIoU, void excluded) and
+compared pixel by pixel with torch fp32's masks.
+
+    python bench/runtimes.py --data ../shared/camvid [--checkpoint models/camvid.safetensors] [--split valid]
+
+Prints a table and appends it to BENCHMARKS.md unless --no-record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from models.checkpoint import load_checkpoint  # noqa: E402
+from service.backends import (  # noqa: E402
+    OnnxRuntimeBackend,
+    OpenVinoBackend,
+    Selection,
+    TorchBackend,
+    agreement,
+    cached_onnx,
+)
+from service.decode import decode_image  # noqa: E402
+from service.predictor import Predictor  # noqa: E402
+from training.data import open_folder, read_label  # noqa: E402
+from training.metrics import ConfusionMatrix  # noqa: E402
+
+
+class Contiguous(TorchBackend):
+    """Eager torch with the default (contiguous) memory format, as the service ran before channels_last."""
+
+    name = "torch contiguous (not served)"
+
+    def __init__(self, model):
+        super().__init__(model, torch.device("cpu"), torch.float32)
+        self.model = self.model.to(memory_format=torch.contiguous_format)
+
+    @torch.inference_mode()
+    def __call__(self, batch):
+        return self.model(batch.contiguous())
+
+
+class OpenVinoDefaultPrecision(OpenVinoBackend):
+    """OpenVINO's own default precision on this CPU (bf16 where it has AMX / AVX-512 bf16): not served."""
+
+    def __init__(self, path, cache_dir):
+        import openvino as ov
+
+        compiled = ov.Core().compile_model(str(path), "CPU", {"PERFORMANCE_HINT": "LATENCY"})
+        self.precision = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
+        self.name = f"openvino {self.precision} (not served)"
+        self.request = compiled.create_infer_request()
+
+
+def ms_per_image(backend, x: torch.Tensor, seconds: float) -> float:
+    backend(x)
+    times, t_end = [], time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        backend(x)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000
+
+
+def start_to_ready(checkpoint: Path, backend: str, cache_dir: Path) -> tuple[float, str]:
+    """Seconds from `python -m service` to GET /ready answering 200, and the backend it chose."""
+    import httpx
+
+    from tests.live import start_service
+
+    t0 = time.perf_counter()
+    proc, base, _ = start_service({"SEGMENT_CHECKPOINT": str(checkpoint), "SEGMENT_BACKEND": backend,
+                                   "SEGMENT_CACHE_DIR": str(cache_dir), "SEGMENT_LOG_LEVEL": "warning"}, timeout=300)
+    seconds = time.perf_counter() - t0
+    chosen = httpx.get(f"{base}/model").json()["backend"]
+    proc.terminate()
+    proc.wait(60)
+    return seconds, chosen
+
+
+def cold_starts(checkpoint: Path) -> str:
+    rows = ["| SEGMENT_BACKEND | export cache | start to /ready, s | backend chosen |", "|---|---|---|---|"]
+    with tempfile.TemporaryDirectory() as cache:
+        for backend, state in (("torch", "—"), ("auto", "empty"), ("auto", "warm")):
+            seconds, chosen = start_to_ready(checkpoint, backend, Path(cache))
+            rows.append(f"| {backend} | {state} | {seconds:.1f} | {chosen} |")
+            print(rows[-1], flush=True)
+    return "\n".join(rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "camvid")
+    p.add_argument("--checkpoint", type=Path, default=ROOT / "models" / "camvid.safetensors")
+    p.add_argument("--split", default="valid")
+    p.add_argument("--seconds", type=float, default=8.0, help="timing per runtime")
+    p.add_argument("--no-record", action="store_true")
+    args = p.parse_args()
+    ckpt = load_checkpoint(args.checkpoint)
+    folder = open_folder(args.data, check=False)
+    pairs = folder.pairs(args.split)
+    path, cache = cached_onnx(ckpt, None)
+    torch_fp32 = TorchBackend(ckpt.model, torch.device("cpu"), torch.float32)
+    backends = [torch_fp32, Contiguous(load_checkpoint(args.checkpoint).model), OnnxRuntimeBackend(path, cache),
+                OpenVinoBackend(path, cache), OpenVinoDefaultPrecision(path, cache)]
+    predictor = Predictor(ckpt, Selection(torch_fp32))
+    first = predictor.preprocess(decode_image(pairs[0].image.read_bytes(), 10**9))[None]
+    reference = torch_fp32(first)
+    rows, torch_masks, speeds = [], [], []
+    for b in backends:
+        speed = ms_per_image(b, first, args.seconds)
+        predictor.backend = b
+        cm, same, total = ConfusionMatrix(ckpt.meta.classes.num_classes, ckpt.meta.classes.void_index), 0, 0
+        for i, pair in enumerate(pairs):
+            image = decode_image(pair.image.read_bytes(), 10**9)
+            mask = predictor.predict(predictor.preprocess(image)[None], [(image.height, image.width)])[0].mask
+            cm.update(torch.from_numpy(read_label(pair.label).astype(np.int64)), torch.from_numpy(mask))
+            if b is torch_fp32:
+                torch_masks.append(mask)
+            same += int((mask == torch_masks[i]).sum())
+            total += mask.size
+        m = cm.compute()
+        speeds.append(speed)
+        rows.append([b.name, f"{speed:.1f}", f"{speeds[0] / speed:.2f}×",
+                     f"{agreement(b(first), reference):.5f}", f"{same / total:.5f}", f"{m['pixel_accuracy']:.4f}",
+                     f"{m['mean_iou']:.4f}"])
+        print(" | ".join(rows[-1]), flush=True)
+    head = ["runtime", "ms/image", "speed vs torch", "argmax agreement, first image", f"pixels as torch, {args.split}",
+            "pixel accuracy", "mIoU"]
+    table = "\n".join(["| " + " | ".join(r) + " |" for r in [head, ["---"] * len(head), *rows]])
+    h, w = ckpt.meta.input_size
+    info = (f"`{shlex.join(['python', 'bench/runtimes.py', *sys.argv[1:]])}` — {args.checkpoint.name} at "
+            f"1×3×{h}×{w}, batch 1, {platform.machine()} CPU ({torch.get_num_threads()} threads), torch "
+            f"{torch.__version__}; masks through the service's preprocess and postprocess on the {len(pairs)} "
+            f"{args.split} images, scored at their native size.")
+    print(table)
+    starts = cold_starts(args.checkpoint)
+    print(starts)
+    if not args.no_record:
+        with (ROOT / "BENCHMARKS.md").open("a") as f:
+            f.write(f"\n### Runtimes — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC\n\n{info}\n\n{table}\n\n"
+                    f"Process start to `/ready` (`python -m service`, warm-up included), the same checkpoint:\n\n"
+                    f"{starts}\n")
+
+
+if __name__ == "__main__":
+    main()
