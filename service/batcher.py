@@ -55,6 +55,11 @@ class Batcher:
         finally:
             self.incoming -= 1
 
+    def at_capacity(self) -> bool:
+        """Every queue slot is taken or promised to a request still uploading: a new one would only wait to be
+        refused, so it is refused before its body is read."""
+        return self.queue.qsize() + self.incoming >= self.queue.maxsize
+
     def enqueue(self, tensor: torch.Tensor, size: tuple[int, int]) -> Job:
         """Queue one preprocessed image; its result arrives on `job.future`. Raises QueueFull."""
         job = Job(tensor, size, asyncio.get_running_loop().create_future())

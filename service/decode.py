@@ -3,14 +3,31 @@
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import UploadError
 
-ALLOWED_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF"}
+# The Pillow plugins allowed to parse an upload. Their images come out as these formats, plus MPO: the multi-picture
+# JPEG many phone cameras write, which the JPEG plugin opens; its first picture is served.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
+SERVED_FORMATS = {*ALLOWED_FORMATS, "MPO"}
 ACCEPTED = "JPEG, PNG, WebP, BMP, TIFF or GIF"
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The format the first bytes announce, by each Pillow plugin's magic-number test alone (no parser runs)."""
+    Image.init()
+    for fmt in Image.ID:
+        accept = Image.OPEN[fmt][1]
+        try:
+            if accept is not None and accept(data[:32]):
+                return fmt
+        except Exception:  # a plugin's prefix test that cannot judge this prefix: not this format
+            continue
+    return None
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -33,15 +50,19 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     if not data:
         raise UploadError(415, "empty_body", f"the 'image' field is empty; send a {ACCEPTED} file")
     try:
-        im = Image.open(io.BytesIO(data))
+        im = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)  # other formats' parsers never run
     except UnidentifiedImageError:
+        fmt = sniff_format(data)
         raise UploadError(415, "unsupported_media_type",
+                          f"{fmt} images are not accepted; send a {ACCEPTED} file" if fmt else
                           f"the upload is not an image this service reads; send a {ACCEPTED} file") from None
-    except Image.DecompressionBombError as e:
-        raise UploadError(413, "too_many_pixels", f"{e}; the limit is {max_pixels} pixels") from None
+    except Image.DecompressionBombError as e:  # Pillow's own check, far above ours: quote the size, and our limit
+        size = re.search(r"\((\d+) pixels\)", str(e))
+        raise UploadError(413, "too_many_pixels", f"the image is {size[1] + ' pixels' if size else 'too large'}; "
+                          f"the limit is {max_pixels} pixels") from None
     except (OSError, SyntaxError, ValueError) as e:  # a recognised format whose header is broken
         raise UploadError(422, "corrupt_image", f"the image header could not be read ({e})") from None
-    if im.format not in ALLOWED_FORMATS:
+    if im.format not in SERVED_FORMATS:
         raise UploadError(415, "unsupported_media_type",
                           f"{im.format} images are not accepted; send a {ACCEPTED} file")
     w, h = im.size  # from the header: nothing decoded yet

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+log = logging.getLogger("service")
 
 
 class UploadError(ValueError):
@@ -38,7 +43,14 @@ async def on_http_error(request: Request, e: StarletteHTTPException) -> JSONResp
     return error_response(e.status_code, HTTP_CODES.get(e.status_code, "http_error"), str(e.detail), e.headers)
 
 
+async def on_client_disconnect(request: Request, e: ClientDisconnect) -> JSONResponse:
+    """The client went away mid-upload: nobody will read an answer; one line at INFO, not a traceback."""
+    log.info("client disconnected during %s %s", request.method, request.url.path)
+    return error_response(499, "client_disconnected", "the client closed the connection before the body arrived")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(UploadError, on_upload_error)
+    app.add_exception_handler(ClientDisconnect, on_client_disconnect)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)

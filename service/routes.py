@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
+import re
 import time
 from pathlib import Path
 from typing import Annotated
@@ -28,6 +31,19 @@ from .settings import Settings
 from .upload import read_image_field
 
 DEMO_PAGE = (Path(__file__).parent / "static" / "index.html").read_text()
+
+
+def content_security_policy(page: str) -> str:
+    """Only the page's own inline script and style (by hash), requests to this origin, and images from data:/blob:
+    URLs (the mask and overlay it shows): an injected script or a third-party resource does not run."""
+    hashes = {tag: " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(m.encode()).digest()).decode()}'"
+                            for m in re.findall(rf"<{tag}>(.*?)</{tag}>", page, re.S)) for tag in ("script", "style")}
+    return (f"default-src 'none'; script-src {hashes['script']}; style-src {hashes['style']}; "
+            "img-src 'self' data: blob:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+            "frame-ancestors 'none'")
+
+
+DEMO_CSP = content_security_policy(DEMO_PAGE)
 ERRORS = {s: {"model": ErrorBody} for s in (413, 415, 422, 503, 504)}
 PNG_ANSWER = {200: {"content": {"image/png": {}}, "description": "JSON by default; the palette PNG itself with "
                     "`Accept: image/png` (counts in the X-Class-Pixels header)"}}
@@ -43,27 +59,28 @@ def wants_png(request: Request) -> bool:
 @router.post("/segment", response_model=SegmentResponse, responses={**ERRORS, **PNG_ANSWER})
 async def segment(request: Request, settings: SettingsDep, predictor: PredictorDep, batcher: BatcherDep,
                   codec: CodecDep, overlay: Annotated[bool, Query(description="add a JPEG overlay")] = False):
+    if batcher.at_capacity():  # before the body is read or decoded: a refused request costs nothing
+        return overloaded(settings)
     loop = asyncio.get_running_loop()
     t0 = time.perf_counter()
     try:
-        with batcher.arriving():  # a forming batch waits for this request while it is on its way
-            data = await read_image_field(request, settings.max_upload_bytes)
-            image, tensor = await loop.run_in_executor(codec, decode_and_preprocess, data, settings.max_pixels,
-                                                       predictor)
-            job = batcher.enqueue(tensor, (image.height, image.width))
+        async with asyncio.timeout(settings.request_timeout_s):  # upload, decode, queue, inference and encode
+            with batcher.arriving():  # a forming batch waits for this request while it is on its way
+                data = await read_image_field(request, settings.max_upload_bytes, settings.body_timeout_s)
+                image, tensor = await loop.run_in_executor(codec, decode_and_preprocess, data, settings.max_pixels,
+                                                           predictor)
+                job = batcher.enqueue(tensor, (image.height, image.width))
+            t1 = time.perf_counter()
+            result = await job.future
+            t2 = time.perf_counter()
+            classes = predictor.meta.classes
+            png, over = await loop.run_in_executor(codec, encode, image, result.mask, classes, overlay,
+                                                   settings.overlay_alpha)
     except QueueFull:
-        return error_response(503, "overloaded", f"{settings.queue_size} requests are already waiting; retry "
-                              "shortly", {"Retry-After": "1"})
-    t1 = time.perf_counter()
-    try:
-        result = await asyncio.wait_for(job.future, settings.request_timeout_s)
+        return overloaded(settings)
     except TimeoutError:
-        return error_response(504, "timeout", f"no result within {settings.request_timeout_s}s; the service is "
+        return error_response(504, "timeout", f"no result within {settings.request_timeout_s:g} s; the service is "
                               "overloaded, retry later")
-    t2 = time.perf_counter()
-    classes = predictor.meta.classes
-    png, over = await loop.run_in_executor(codec, encode, image, result.mask, classes, overlay,
-                                           settings.overlay_alpha)
     t3 = time.perf_counter()
     if wants_png(request):
         counts = dict(zip(classes.names, result.counts, strict=True))
@@ -74,6 +91,11 @@ async def segment(request: Request, settings: SettingsDep, predictor: PredictorD
                             model_ref(predictor.checkpoint, predictor.backend.name, predictor.precision), timings, over)
 
 
+def overloaded(settings: Settings) -> Response:
+    return error_response(503, "overloaded", f"{settings.queue_size} requests are already waiting; retry shortly",
+                          {"Retry-After": "1"})
+
+
 @router.get("/model", response_model=ModelInfo)
 async def model(predictor: PredictorDep):
     return model_info(predictor.checkpoint, str(predictor.device), predictor.backend.name, predictor.precision,
@@ -82,7 +104,7 @@ async def model(predictor: PredictorDep):
 
 @router.get("/", include_in_schema=False)
 async def demo():
-    return HTMLResponse(DEMO_PAGE)
+    return HTMLResponse(DEMO_PAGE, headers={"Content-Security-Policy": DEMO_CSP})
 
 
 @router.get("/health")
@@ -119,7 +141,7 @@ def document_upload(app: FastAPI, settings: Settings) -> None:
     limits = f"at most {settings.max_upload_bytes} bytes and {settings.max_pixels} pixels"
     body = {"required": True, "content": {"multipart/form-data": {"schema": {
         "type": "object", "required": ["image"],
-        "properties": {"image": {"type": "string", "format": "binary",
+        "properties": {"image": {"type": "string", "format": "binary", "minLength": 1,
                                  "description": f"JPEG, PNG, WebP, BMP, TIFF or GIF; {limits}"}}}}}}
     generate = app.openapi
 

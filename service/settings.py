@@ -35,7 +35,10 @@ class Settings(BaseSettings):
     queue_size: int = Field(64, ge=1, description="requests waiting for the model; beyond it: 503")
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="request body cap (413 beyond)")
     max_pixels: int = Field(40_000_000, ge=1, description="image pixel cap, checked before decoding (413)")
-    request_timeout_s: float = Field(30.0, gt=0, description="a request waiting longer gets 504")
+    request_timeout_s: float = Field(30.0, gt=0, description="the longest a request may take, upload, decode, queue "
+                                     "and inference included; beyond it 504")
+    body_timeout_s: float = Field(20.0, gt=0, description="the longest a request body may take to arrive; beyond "
+                                  "it 408 (a client trickling bytes cannot hold a slot)")
     warmup_passes: int = Field(2, ge=0, description="forward passes run at start-up before /ready")
     codec_threads: int = Field(
         0, ge=0, description="threads decoding uploads and encoding masks (and, on a CPU, turning logits into "

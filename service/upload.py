@@ -1,10 +1,13 @@
 """Read the multipart `image` field while the body streams in, refusing it as soon as it passes the cap.
 
 Starlette's form parser spools whole uploads before a route sees them; this reads request.stream()
-through python-multipart's push parser and stops at the first byte over the limit.
+through python-multipart's push parser and stops at the first byte over the limit, at a second `image`
+part, or when the whole body has not arrived within the body timeout.
 """
 
 from __future__ import annotations
+
+import asyncio
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -13,50 +16,70 @@ from starlette.requests import Request
 from .errors import UploadError
 
 
-async def read_image_field(request: Request, max_bytes: int, field: str = "image") -> bytes:
+class ImageField:
+    """python-multipart callbacks that keep the bytes of the one part named `field`."""
+
+    def __init__(self, field: str):
+        self.field, self.data, self.count = field, bytearray(), 0
+        self.header, self.value, self.name, self.headers = b"", b"", None, {}
+
+    def callbacks(self) -> dict:
+        return {"on_header_field": self.on_header_field, "on_header_value": self.on_header_value,
+                "on_header_end": self.on_header_end, "on_headers_finished": self.on_headers_finished,
+                "on_part_data": self.on_part_data}
+
+    def on_header_field(self, data, start, end):
+        self.header += data[start:end]
+
+    def on_header_value(self, data, start, end):
+        self.value += data[start:end]
+
+    def on_header_end(self):
+        self.headers[self.header.lower()] = self.value
+        self.header, self.value = b"", b""
+
+    def on_headers_finished(self):
+        _, disp = parse_options_header(self.headers.get(b"content-disposition", b""))
+        self.name = disp.get(b"name", b"").decode("utf-8", "replace")
+        self.headers = {}
+        if self.name == self.field:
+            self.count += 1
+            if self.count > 1:
+                raise UploadError(422, "duplicate_field",
+                                  f"the form has more than one '{self.field}' part; send exactly one")
+
+    def on_part_data(self, data, start, end):
+        if self.name == self.field:
+            self.data += data[start:end]
+
+
+async def read_image_field(request: Request, max_bytes: int, timeout_s: float, field: str = "image") -> bytes:
     ctype, params = parse_options_header(request.headers.get("content-type", ""))
     if ctype != b"multipart/form-data" or b"boundary" not in params:
         raise UploadError(422, "missing_field", f"send the image as multipart/form-data in a field named '{field}'")
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
         raise UploadError(413, "too_large", f"the request body is {declared} bytes; the limit is {max_bytes} bytes")
-
-    parts: dict[str, bytearray] = {}
-    state = {"header": b"", "value": b"", "name": None, "headers": {}}
-
-    def on_header_field(data, start, end):
-        state["header"] += data[start:end]
-
-    def on_header_value(data, start, end):
-        state["value"] += data[start:end]
-
-    def on_header_end():
-        state["headers"][state["header"].lower()] = state["value"]
-        state["header"], state["value"] = b"", b""
-
-    def on_headers_finished():
-        _, disp = parse_options_header(state["headers"].get(b"content-disposition", b""))
-        state["name"] = disp.get(b"name", b"").decode("utf-8", "replace")
-        state["headers"] = {}
-        if state["name"] == field:
-            parts.setdefault(field, bytearray())
-
-    def on_part_data(data, start, end):
-        if state["name"] == field:
-            parts[field] += data[start:end]
-
-    parser = MultipartParser(params[b"boundary"], {
-        "on_header_field": on_header_field, "on_header_value": on_header_value, "on_header_end": on_header_end,
-        "on_headers_finished": on_headers_finished, "on_part_data": on_part_data})
+    image = ImageField(field)
+    try:
+        parser = MultipartParser(params[b"boundary"], image.callbacks())
+    except (MultipartParseError, ValueError) as e:  # e.g. a boundary over 256 characters (RFC 2046's limit is 70)
+        raise UploadError(422, "malformed_multipart", f"the multipart boundary is not usable ({e})") from None
     received = 0
-    async for chunk in request.stream():
-        received += len(chunk)
-        if received > max_bytes:
-            raise UploadError(413, "too_large", f"the request body passed the limit of {max_bytes} bytes")
-        try:
-            parser.write(chunk)
-        except MultipartParseError as e:
-            raise UploadError(422, "malformed_multipart", f"the multipart body could not be parsed ({e})") from None
-    if field not in parts:
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                received += len(chunk)
+                if received > max_bytes:
+                    raise UploadError(413, "too_large", f"the request body passed the limit of {max_bytes} bytes")
+                try:
+                    parser.write(chunk)
+                except MultipartParseError as e:
+                    raise UploadError(422, "malformed_multipart",
+                                      f"the multipart body could not be parsed ({e})") from None
+    except TimeoutError:
+        raise UploadError(408, "body_timeout", f"the request body did not arrive within {timeout_s:g} s "
+                          f"({received} bytes came); send it faster or in one go") from None
+    if not image.count:
         raise UploadError(422, "missing_field", f"no '{field}' field in the form; send the image as '{field}'")
-    return bytes(parts[field])
+    return bytes(image.data)
