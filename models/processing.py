@@ -30,7 +30,7 @@ def argmax_channels(x: torch.Tensor, skip: int | None = None) -> torch.Tensor:
 
 
 def logits_to_mask(logits: torch.Tensor, size: tuple[int, int], void_index: int | None,
-                   rows_per_strip: int = 256, max_direct: int = 1 << 26) -> torch.Tensor:
+                   rows_per_strip: int = 64, max_direct: int = 1 << 24) -> torch.Tensor:
     """(C, h, w) logits → (H, W) uint8 class indices for `size` = (H, W): bilinear resize (align_corners=False),
     then the argmax over every class but void (void is a label for 'unknown', never a prediction).
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -14,6 +15,7 @@ from .errors import UploadError
 # JPEG many phone cameras write, which the JPEG plugin opens; its first picture is served.
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
 SERVED_FORMATS = {*ALLOWED_FORMATS, "MPO"}
+REDUCIBLE = {"L", "LA", "RGB", "RGBA", "CMYK", "I", "F"}  # modes Image.reduce takes as they are
 ACCEPTED = "JPEG, PNG, WebP, BMP, TIFF or GIF"
 
 
@@ -40,13 +42,22 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         im = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L")
     if im.mode == "P":
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-    if im.mode in ("RGBA", "LA", "PA"):
-        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(background, im.convert("RGBA"))
+    if im.mode in ("RGBA", "LA", "PA"):  # over white, built in RGB: no RGBA copies of a big upload
+        rgba = im.convert("RGBA")
+        white = Image.new("RGB", im.size, (255, 255, 255))
+        white.paste(rgba, mask=rgba.getchannel("A"))
+        return white
     return im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, RGBX ...
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+class Decoded(NamedTuple):
+    image: Image.Image  # RGB for the network: shrunk on load when asked (never below twice the size asked for)
+    size: tuple[int, int]  # (W, H) of the upload as displayed (EXIF orientation applied): the mask's size
+    full: Image.Image | None = None  # RGB at full size, when asked for (an overlay is drawn on it)
+
+
+def open_checked(data: bytes, max_pixels: int, max_aspect: float) -> Image.Image:
+    """The upload opened by an allow-listed parser and checked from its header alone: nothing decoded yet."""
     if not data:
         raise UploadError(415, "empty_body", f"the 'image' field is empty; send a {ACCEPTED} file")
     try:
@@ -65,15 +76,42 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     if im.format not in SERVED_FORMATS:
         raise UploadError(415, "unsupported_media_type",
                           f"{im.format} images are not accepted; send a {ACCEPTED} file")
-    w, h = im.size  # from the header: nothing decoded yet
+    w, h = im.size
     if w * h > max_pixels:
         raise UploadError(413, "too_many_pixels",
                           f"the image is {w}x{h} = {w * h} pixels; the limit is {max_pixels} pixels")
+    if max(w, h) > max_aspect * min(w, h):
+        raise UploadError(422, "aspect_ratio", f"the image is {w}x{h}, {max(w, h) / min(w, h):.1f} times longer "
+                          f"than wide; the limit is {max_aspect:g} (a photo or video frame)")
+    return im
+
+
+def decode_upload(data: bytes, max_pixels: int, max_aspect: float = 20.0, shrink_to: int | None = None,
+                  keep_full: bool = False) -> Decoded:
+    """Upload bytes → RGB. With `shrink_to`, an image at least 4x that many pixels on its short side is shrunk
+    for the network by the largest whole factor that keeps it at least twice `shrink_to` (JPEG: while it
+    loads, by the decoder's own 1/2, 1/4, 1/8 scaling, unless `keep_full`; then Image.reduce, a box filter), so
+    memory and time follow the network's needs, not the upload's size."""
+    im = open_checked(data, max_pixels, max_aspect)
     try:
         im.seek(0)  # animated images: the first frame
+        rotated = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+        size = (im.height, im.width) if rotated else im.size
+        factor = max(1, min(im.size) // (2 * shrink_to)) if shrink_to else 1
+        if factor > 1 and im.format in ("JPEG", "MPO") and not keep_full:
+            im.draft(im.mode, (im.width // factor, im.height // factor))
         im.load()
         im = ImageOps.exif_transpose(im)
-        return _to_rgb(im)
+        full = _to_rgb(im) if keep_full else None
+        factor = max(1, min(im.size) // (2 * shrink_to)) if shrink_to else 1  # what draft left to do
+        if factor > 1:
+            im = (full or (im if im.mode in REDUCIBLE else _to_rgb(im))).reduce(factor)
+        return Decoded(full if factor == 1 and full is not None else _to_rgb(im), size, full)
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise UploadError(422, "corrupt_image", f"the {im.format} image could not be decoded ({e}); "
                           "it is truncated or corrupt") from None
+
+
+def decode_image(data: bytes, max_pixels: int, max_aspect: float = 20.0) -> Image.Image:
+    """Upload bytes → RGB at full size."""
+    return decode_upload(data, max_pixels, max_aspect).image

@@ -76,7 +76,7 @@ class Predictor:
         """(C, h, w) logits → the mask at the upload's (H, W) and per-class counts, both computed where the
         logits are (bincount on the device)."""
         mask = logits_to_mask(logits, size, self.meta.classes.void_index)
-        counts = torch.bincount(mask.flatten().long(), minlength=self.num_classes)
+        counts = torch.bincount(mask.flatten(), minlength=self.num_classes)  # on the uint8 mask: no int64 copy
         return Prediction(mask.cpu().numpy(), counts.cpu().tolist())
 
     def predict(self, batch: torch.Tensor, sizes: list[tuple[int, int]]) -> list[Prediction]:
@@ -102,10 +102,11 @@ def mask_png(mask: np.ndarray, palette: list[int]) -> bytes:
     return buf.getvalue()
 
 
-def overlay_jpeg(image: Image.Image, mask: np.ndarray, colors: list[tuple[int, int, int]], alpha: float) -> bytes:
-    lut = np.array(colors, dtype=np.uint8)
-    blended = (np.asarray(image, dtype=np.float32) * (1 - alpha) + lut[mask].astype(np.float32) * alpha)
+def overlay_jpeg(image: Image.Image, mask: np.ndarray, palette: list[int], alpha: float) -> bytes:
+    """The mask in its class colours over the image, blended by Pillow in 8 bits (no float copies of a big upload)."""
+    colored = Image.fromarray(mask, mode="P")
+    colored.putpalette(palette)
     buf = io.BytesIO()
-    Image.fromarray(blended.round().astype(np.uint8)).save(buf, format="JPEG", quality=85)
+    Image.blend(image, colored.convert("RGB"), alpha).save(buf, format="JPEG", quality=85)
     return buf.getvalue()
 

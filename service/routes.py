@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from models.classes import ClassSet
 
 from .batcher import QueueFull
-from .decode import decode_image
+from .decode import Decoded, decode_upload
 from .deps import BatcherDep, CodecDep, PredictorDep, SettingsDep, StateDep
 from .errors import error_response
 from .metrics import REGISTRY
@@ -67,14 +67,15 @@ async def segment(request: Request, settings: SettingsDep, predictor: PredictorD
         async with asyncio.timeout(settings.request_timeout_s):  # upload, decode, queue, inference and encode
             with batcher.arriving():  # a forming batch waits for this request while it is on its way
                 data = await read_image_field(request, settings.max_upload_bytes, settings.body_timeout_s)
-                image, tensor = await loop.run_in_executor(codec, decode_and_preprocess, data, settings.max_pixels,
-                                                           predictor)
-                job = batcher.enqueue(tensor, (image.height, image.width))
+                upload, tensor = await loop.run_in_executor(codec, decode_and_preprocess, data, settings, predictor,
+                                                            overlay)
+                width, height = upload.size
+                job = batcher.enqueue(tensor, (height, width))
             t1 = time.perf_counter()
             result = await job.future
             t2 = time.perf_counter()
             classes = predictor.meta.classes
-            png, over = await loop.run_in_executor(codec, encode, image, result.mask, classes, overlay,
+            png, over = await loop.run_in_executor(codec, encode, upload.full, result.mask, classes, overlay,
                                                    settings.overlay_alpha)
     except QueueFull:
         return overloaded(settings)
@@ -87,7 +88,7 @@ async def segment(request: Request, settings: SettingsDep, predictor: PredictorD
         return Response(png, media_type="image/png", headers={"X-Class-Pixels": json.dumps(counts)})
     timings = Timings(decode=ms(t1 - t0), queue=ms(job.started - job.enqueued), inference=ms(t2 - job.started),
                       encode=ms(t3 - t2))
-    return segment_response(image.width, image.height, png, result.counts, classes,
+    return segment_response(width, height, png, result.counts, classes,
                             model_ref(predictor.checkpoint, predictor.backend.name, predictor.precision), timings, over)
 
 
@@ -124,15 +125,18 @@ async def metrics():
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
 
-def decode_and_preprocess(data: bytes, max_pixels: int, predictor: Predictor) -> tuple[Image.Image, torch.Tensor]:
-    image = decode_image(data, max_pixels)
-    return image, predictor.preprocess(image)
+def decode_and_preprocess(data: bytes, settings: Settings, predictor: Predictor,
+                          overlay: bool) -> tuple[Decoded, torch.Tensor]:
+    """The upload decoded (shrunk for the network; kept whole too when an overlay is drawn on it) and preprocessed."""
+    upload = decode_upload(data, settings.max_pixels, settings.max_aspect_ratio, max(predictor.meta.input_size),
+                           keep_full=overlay)
+    return upload, predictor.preprocess(upload.image)
 
 
 def encode(image: Image.Image, mask: np.ndarray, classes: ClassSet, overlay: bool,
            alpha: float) -> tuple[bytes, bytes | None]:
     png = mask_png(mask, classes.palette())
-    return png, overlay_jpeg(image, mask, list(classes.colors), alpha) if overlay else None
+    return png, overlay_jpeg(image, mask, classes.palette(), alpha) if overlay else None
 
 
 def document_upload(app: FastAPI, settings: Settings) -> None:

@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     queue_size: int = Field(64, ge=1, description="requests waiting for the model; beyond it: 503")
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="request body cap (413 beyond)")
     max_pixels: int = Field(40_000_000, ge=1, description="image pixel cap, checked before decoding (413)")
+    max_aspect_ratio: float = Field(20.0, ge=1, description="longest side over shortest, checked before decoding "
+                                    "(422): a 1x4,000,000 strip is no photo, and would cost gigabytes to resize")
     request_timeout_s: float = Field(30.0, gt=0, description="the longest a request may take, upload, decode, queue "
                                      "and inference included; beyond it 504")
     body_timeout_s: float = Field(20.0, gt=0, description="the longest a request body may take to arrive; beyond "

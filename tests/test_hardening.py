@@ -6,6 +6,7 @@ import socket
 import subprocess
 import time
 
+import httpx
 import pytest
 from PIL import Image
 
@@ -157,3 +158,36 @@ def test_slow_bodies_time_out_admission_comes_before_work_and_sigterm_does_not_w
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_memory_per_request_is_bounded_for_the_shapes_that_used_to_cost_gigabytes(checkpoint):  # noqa: F811
+    # Measured on the server process: peak RSS (VmHWM, reset before each request) minus RSS before it.
+    proc, base, env = start_service({
+        "SEGMENT_CHECKPOINT": str(checkpoint), "SEGMENT_DEVICE": "cpu", "SEGMENT_BACKEND": "torch",
+        "SEGMENT_WARMUP_PASSES": "1", "SEGMENT_LOG_LEVEL": "warning"})
+    status = f"/proc/{proc.pid}/status"
+
+    def mb(field: str) -> int:
+        return next(int(line.split()[1]) for line in open(status) if line.startswith(field)) // 1024
+
+    cases = [((1, 4_000_000), "L", False, 422), ((4_000_000, 1), "L", False, 422), ((1, 40_000_000), "L", False, 422),
+             ((40_000_000, 1), "L", False, 422), ((6320, 6320), "L", False, 200), ((6320, 6320), "RGBA", True, 200)]
+    try:
+        for size, mode, overlay, expected in cases:
+            data = encoded(Image.new(mode, size), "PNG")
+            with open(f"/proc/{proc.pid}/clear_refs", "w") as f:
+                f.write("5")  # resets the peak to the current RSS
+            before = mb("VmRSS")
+            r = httpx.post(f"{base}/segment", files={"image": ("x.png", data)}, params={"overlay": overlay},
+                           timeout=120)
+            extra = mb("VmHWM") - before
+            assert r.status_code == expected, (size, r.text)
+            if expected == 200:
+                assert (r.json()["width"], r.json()["height"]) == size
+                assert sum(c["pixels"] for c in r.json()["classes"]) == size[0] * size[1]
+            else:
+                assert r.json()["code"] == "aspect_ratio"
+            # README's bound: at most 500 MB per request at the 40 MP cap (RGBA with overlay measured 490 MB)
+            assert extra < (500 if expected == 200 else 50), (size, mode, overlay, extra)
+    finally:
+        proc.kill()
