@@ -34,6 +34,7 @@ async def lifespan(app: FastAPI):
     settings = state.settings
     state.codec = ThreadPoolExecutor(settings.codec_threads or max(1, (os.cpu_count() or 2) // 2),
                                      thread_name_prefix="codec")
+    state.large = ThreadPoolExecutor(1, thread_name_prefix="codec-large")
     predictor = await asyncio.to_thread(Predictor.load, settings.checkpoint, settings.device, settings.precision,
                                         settings.backend, settings.cache_dir)
     batch_size = settings.batch_size_for(predictor.device)
@@ -55,6 +56,7 @@ async def lifespan(app: FastAPI):
     state.ready = False
     await state.batcher.drain()
     state.codec.shutdown(wait=True)
+    state.large.shutdown(wait=True)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -26,6 +26,7 @@ class Job:
     future: asyncio.Future
     enqueued: float = field(default_factory=time.perf_counter)
     started: float = 0.0  # when its batch began on the device
+    executor: Executor | None = None  # where its postprocess runs, if not the batcher's post_executor
 
 
 class Batcher:
@@ -60,9 +61,10 @@ class Batcher:
         refused, so it is refused before its body is read."""
         return self.queue.qsize() + self.incoming >= self.queue.maxsize
 
-    def enqueue(self, tensor: torch.Tensor, size: tuple[int, int]) -> Job:
-        """Queue one preprocessed image; its result arrives on `job.future`. Raises QueueFull."""
-        job = Job(tensor, size, asyncio.get_running_loop().create_future())
+    def enqueue(self, tensor: torch.Tensor, size: tuple[int, int], executor: Executor | None = None) -> Job:
+        """Queue one preprocessed image; its result arrives on `job.future`. Raises QueueFull. `executor`: where its
+        postprocess runs on a CPU (a large upload's own lane), instead of the post_executor."""
+        job = Job(tensor, size, asyncio.get_running_loop().create_future(), executor=executor)
         try:
             self.queue.put_nowait(job)
         except asyncio.QueueFull:
@@ -123,7 +125,7 @@ class Batcher:
             return
         try:
             result = await asyncio.get_running_loop().run_in_executor(
-                self.post_executor, self.predictor.postprocess, logits, job.size)
+                job.executor or self.post_executor, self.predictor.postprocess, logits, job.size)
         except Exception as e:
             self._fail([job], e)
             return

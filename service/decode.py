@@ -50,6 +50,19 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, RGBX ...
 
 
+LARGE_PIXELS = 4_000_000  # uploads above this are decoded, postprocessed and encoded in their own lane
+
+
+def header_pixels(data: bytes) -> int:
+    """Width x height from the header alone (an allow-listed parser reading a few bytes; nothing is decoded), or 0
+    when it cannot be read: decode_upload then says what is wrong. Cheap enough for the event loop."""
+    try:
+        with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as im:
+            return im.width * im.height
+    except Exception:  # any failure to read a header means the same here: not known to be large
+        return 0
+
+
 class Decoded(NamedTuple):
     image: Image.Image  # RGB for the network: shrunk on load when asked (never below twice the size asked for)
     size: tuple[int, int]  # (W, H) of the upload as displayed (EXIF orientation applied): the mask's size

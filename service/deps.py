@@ -21,6 +21,8 @@ class State:
         self.predictor: Predictor | None = None
         self.batcher: Batcher | None = None
         self.codec: ThreadPoolExecutor | None = None  # decodes uploads, encodes masks (and postprocesses on a CPU)
+        self.large: ThreadPoolExecutor | None = None  # the same for large uploads, one at a time: they never queue
+        # ahead of small ones
         self.ready = False
 
 
@@ -56,7 +58,12 @@ async def get_codec(state: ReadyDep) -> ThreadPoolExecutor:
     return state.codec
 
 
+async def get_large_lane(state: ReadyDep) -> ThreadPoolExecutor:
+    return state.large
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 PredictorDep = Annotated[Predictor, Depends(get_predictor)]
 BatcherDep = Annotated[Batcher, Depends(get_batcher)]
 CodecDep = Annotated[ThreadPoolExecutor, Depends(get_codec)]
+LargeLaneDep = Annotated[ThreadPoolExecutor, Depends(get_large_lane)]

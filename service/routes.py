@@ -21,8 +21,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from models.classes import ClassSet
 
 from .batcher import QueueFull
-from .decode import Decoded, decode_upload
-from .deps import BatcherDep, CodecDep, PredictorDep, SettingsDep, StateDep
+from .decode import LARGE_PIXELS, Decoded, decode_upload, header_pixels
+from .deps import BatcherDep, CodecDep, LargeLaneDep, PredictorDep, SettingsDep, StateDep
 from .errors import error_response
 from .metrics import REGISTRY
 from .predictor import Predictor, mask_png, overlay_jpeg
@@ -58,7 +58,8 @@ def wants_png(request: Request) -> bool:
 
 @router.post("/segment", response_model=SegmentResponse, responses={**ERRORS, **PNG_ANSWER})
 async def segment(request: Request, settings: SettingsDep, predictor: PredictorDep, batcher: BatcherDep,
-                  codec: CodecDep, overlay: Annotated[bool, Query(description="add a JPEG overlay")] = False):
+                  codec: CodecDep, large: LargeLaneDep,
+                  overlay: Annotated[bool, Query(description="add a JPEG overlay")] = False):
     if batcher.at_capacity():  # before the body is read or decoded: a refused request costs nothing
         return overloaded(settings)
     loop = asyncio.get_running_loop()
@@ -67,15 +68,16 @@ async def segment(request: Request, settings: SettingsDep, predictor: PredictorD
         async with asyncio.timeout(settings.request_timeout_s):  # upload, decode, queue, inference and encode
             with batcher.arriving():  # a forming batch waits for this request while it is on its way
                 data = await read_image_field(request, settings.max_upload_bytes, settings.body_timeout_s)
-                upload, tensor = await loop.run_in_executor(codec, decode_and_preprocess, data, settings, predictor,
+                lane = large if header_pixels(data) > LARGE_PIXELS else codec  # big ones never block small ones
+                upload, tensor = await loop.run_in_executor(lane, decode_and_preprocess, data, settings, predictor,
                                                             overlay)
                 width, height = upload.size
-                job = batcher.enqueue(tensor, (height, width))
+                job = batcher.enqueue(tensor, (height, width), None if lane is codec else lane)
             t1 = time.perf_counter()
             result = await job.future
             t2 = time.perf_counter()
             classes = predictor.meta.classes
-            png, over = await loop.run_in_executor(codec, encode, upload.full, result.mask, classes, overlay,
+            png, over = await loop.run_in_executor(lane, encode, upload.full, result.mask, classes, overlay,
                                                    settings.overlay_alpha)
     except QueueFull:
         return overloaded(settings)

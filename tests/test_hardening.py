@@ -4,6 +4,7 @@ slow bodies, admission before work, security headers."""
 import io
 import socket
 import subprocess
+import threading
 import time
 
 import httpx
@@ -189,5 +190,33 @@ def test_memory_per_request_is_bounded_for_the_shapes_that_used_to_cost_gigabyte
                 assert r.json()["code"] == "aspect_ratio"
             # README's bound: at most 500 MB per request at the 40 MP cap (RGBA with overlay measured 490 MB)
             assert extra < (500 if expected == 200 else 50), (size, mode, overlay, extra)
+    finally:
+        proc.kill()
+
+
+def test_large_uploads_do_not_hold_up_small_ones(checkpoint):  # noqa: F811
+    proc, base, _ = start_service({
+        "SEGMENT_CHECKPOINT": str(checkpoint), "SEGMENT_DEVICE": "cpu", "SEGMENT_BACKEND": "torch",
+        "SEGMENT_WARMUP_PASSES": "1", "SEGMENT_LOG_LEVEL": "warning"})
+    big, small = encoded(Image.new("L", (6320, 6320)), "PNG"), IMAGE.read_bytes()
+    done: dict[str, list[float]] = {"big": [], "small": []}
+    t0 = time.monotonic()
+
+    def send(kind: str, data: bytes):
+        r = httpx.post(f"{base}/segment", files={"image": ("x.png", data)}, timeout=120)
+        assert r.status_code == 200
+        done[kind].append(time.monotonic() - t0)
+
+    try:
+        threads = [threading.Thread(target=send, args=("big", big)) for _ in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)  # the three large ones are decoding
+        send("small", small)
+        for t in threads:
+            t.join()
+        # large uploads have their own lane: the small request does not wait for any of them (before, it came
+        # back after all three)
+        assert done["small"][0] < min(done["big"])
     finally:
         proc.kill()
