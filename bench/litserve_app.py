@@ -22,7 +22,7 @@ from service.schemas import Timings, model_ref, ms, segment_response  # noqa: E4
 
 class SegmentAPI(ls.LitAPI):
     def setup(self, device):
-        self.predictor = Predictor.load(Path(sys.argv[1]), "cuda" if "cuda" in str(device) else "cpu")
+        self.predictor = Predictor.load(Path(sys.argv[1]), "cuda" if "cuda" in str(device) else "cpu", backend="auto")
         self.predictor.warmup(2, self.max_batch_size)
 
     def decode_request(self, request):
