@@ -34,6 +34,7 @@ def mutated_images(draw) -> bytes:
     return bytes(data) + draw(st.binary(max_size=16))
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning:PIL.TiffImagePlugin")  # Pillow's notes on the broken TIFFs it reads
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.one_of(mutated_images(), st.binary(max_size=256)))
 def test_the_decoder_answers_an_image_or_an_upload_error(data):

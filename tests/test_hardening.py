@@ -220,3 +220,24 @@ def test_large_uploads_do_not_hold_up_small_ones(checkpoint):  # noqa: F811
         assert done["small"][0] < min(done["big"])
     finally:
         proc.kill()
+
+
+def test_a_client_that_hangs_up_mid_upload_is_not_an_error(checkpoint):  # noqa: F811
+    proc, base, env = start_service({
+        "SEGMENT_CHECKPOINT": str(checkpoint), "SEGMENT_DEVICE": "cpu", "SEGMENT_BACKEND": "torch",
+        "SEGMENT_WARMUP_PASSES": "1", "SEGMENT_LOG_LEVEL": "info"}, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(3):
+            s = raw_request(int(env["SEGMENT_PORT"]), b"POST /segment HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                            b"multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n--b\r\n")
+            time.sleep(0.2)
+            s.close()
+        time.sleep(0.5)
+        assert httpx.post(f"{base}/segment", files={"image": ("x.png", IMAGE.read_bytes())}).status_code == 200
+        metrics = httpx.get(f"{base}/metrics").text
+        assert 'route="/segment",status="499"} 3.0' in metrics
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    log = proc.stderr.read()
+    assert "Traceback" not in log and "Exception in ASGI application" not in log
