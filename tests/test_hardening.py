@@ -241,3 +241,24 @@ def test_a_client_that_hangs_up_mid_upload_is_not_an_error(checkpoint):  # noqa:
         proc.wait(30)
     log = proc.stderr.read()
     assert "Traceback" not in log and "Exception in ASGI application" not in log
+
+
+def test_sigterm_under_the_readme_uvicorn_command_does_not_wait_for_a_stalled_upload(checkpoint):  # noqa: F811
+    # uvicorn's own command has no graceful-shutdown limit: the body timeout is what ends the stalled upload
+    proc, base, env = start_service({
+        "SEGMENT_CHECKPOINT": str(checkpoint), "SEGMENT_DEVICE": "cpu", "SEGMENT_BACKEND": "torch",
+        "SEGMENT_BODY_TIMEOUT_S": "2", "SEGMENT_WARMUP_PASSES": "1"}, uvicorn_cli=True, stderr=subprocess.PIPE,
+        text=True)
+    stalled = raw_request(int(env["SEGMENT_PORT"]), b"POST /segment HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                          b"multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n--b\r\n")
+    try:
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        proc.terminate()
+        proc.wait(30)
+        assert 1.0 < time.monotonic() - t0 < 8  # it waited for the upload, until the body timeout ended it
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        stalled.close()
+        if proc.poll() is None:
+            proc.kill()
