@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import litserve as ls
@@ -56,7 +57,7 @@ class SegmentAPI(ls.LitAPI):
         timings = Timings(decode=ms(decode), queue=0.0, inference=ms(inference), encode=ms(time.perf_counter() - t0))
         return segment_response(image.width, image.height, png, result.counts, self.predictor.meta.classes,
                                 model_ref(self.predictor.checkpoint, self.predictor.backend.name,
-                                          self.predictor.precision), timings).model_dump()
+                                          self.predictor.precision), timings, uuid.uuid4().hex).model_dump()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 
 from models import __version__
@@ -67,6 +68,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.segment = State(settings)
     install_error_handlers(app)
     app.middleware("http")(observe_requests)
+    if settings.cors_origins:  # added last: outermost, so preflight requests are answered before anything else
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Request-ID", "Accept"],
+                           expose_headers=["X-Request-ID", "X-Class-Pixels"], max_age=600)
     app.include_router(router)
     document_upload(app, settings)
     return app

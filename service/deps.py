@@ -3,10 +3,12 @@ batcher and codec threads once the model is loaded (503 `not_ready` before)."""
 
 from __future__ import annotations
 
+import hmac
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from .batcher import Batcher
 from .predictor import Predictor
@@ -67,3 +69,29 @@ PredictorDep = Annotated[Predictor, Depends(get_predictor)]
 BatcherDep = Annotated[Batcher, Depends(get_batcher)]
 CodecDep = Annotated[ThreadPoolExecutor, Depends(get_codec)]
 LargeLaneDep = Annotated[ThreadPoolExecutor, Depends(get_large_lane)]
+
+
+# Declared as security schemes, so the docs page has an Authorize button; auto_error=False: open when no keys are set.
+bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer KEY (when SEGMENT_API_KEYS is set)")
+api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="the same keys, as a header")
+
+
+async def require_key(settings: SettingsDep,
+                      credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+                      header_key: Annotated[str | None, Depends(api_key_header)]) -> None:
+    """401 unless SEGMENT_API_KEYS is empty or the request carries one of them. Runs before the body is read."""
+    if not settings.api_keys:
+        return
+    given = (credentials.credentials if credentials else header_key or "").encode()
+    # every key compared, each in constant time: how long this takes says nothing about which key came close
+    matched = [hmac.compare_digest(given, key.get_secret_value().encode()) for key in settings.api_keys]
+    if not given or not any(matched):
+        raise HTTPException(401, "a valid API key is needed: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'",
+                            headers={"WWW-Authenticate": "Bearer"})
+
+
+async def require_key_for_metrics(settings: SettingsDep,
+                                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+                                  header_key: Annotated[str | None, Depends(api_key_header)]) -> None:
+    if settings.metrics_require_key:
+        await require_key(settings, credentials, header_key)

@@ -26,7 +26,7 @@ def error_response(status: int, code: str, detail: str, headers: dict | None = N
     return JSONResponse({"detail": detail, "code": code}, status_code=status, headers=headers)
 
 
-HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 503: "not_ready"}
+HTTP_CODES = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 503: "not_ready"}
 
 
 async def on_upload_error(request: Request, e: UploadError) -> JSONResponse:

@@ -1,7 +1,9 @@
 """Prometheus metrics (prometheus-client), scraped at GET /metrics, and the middleware that records requests."""
 
 import logging
+import re
 import time
+import uuid
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.requests import Request
@@ -27,13 +29,17 @@ INFERENCE_SECONDS = Histogram(
 
 
 METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # what is echoed back: no spaces, quotes or control characters
 
 
 async def observe_requests(request: Request, call_next):
     """HTTP middleware: count each request and time it, labelled by the route it matched and its method (any other
     method is "other", so invented ones cannot create series); an exception no handler took becomes a JSON 500,
-    logged once with its traceback and counted like any answer. Every response gets X-Content-Type-Options."""
+    logged once with its traceback and counted like any answer. Every response gets X-Content-Type-Options and
+    X-Request-ID (the caller's when it sent a sane one, else a new one; routes read it from request.state)."""
     t0 = time.perf_counter()
+    given = request.headers.get("x-request-id", "")
+    request.state.request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
     try:
         response = await call_next(request)
     except Exception:  # the last line of defence: a bug must still answer JSON and show up in /metrics
@@ -44,6 +50,7 @@ async def observe_requests(request: Request, call_next):
     REQUESTS.labels(path, method, str(response.status_code)).inc()
     LATENCY.labels(path).observe(time.perf_counter() - t0)
     response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["X-Request-ID"] = request.state.request_id
     return response
 
 

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import numpy as np
 import torch
-from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, Response
 from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -22,7 +22,16 @@ from models.classes import ClassSet
 
 from .batcher import QueueFull
 from .decode import LARGE_PIXELS, Decoded, decode_upload, header_pixels
-from .deps import BatcherDep, CodecDep, LargeLaneDep, PredictorDep, SettingsDep, StateDep
+from .deps import (
+    BatcherDep,
+    CodecDep,
+    LargeLaneDep,
+    PredictorDep,
+    SettingsDep,
+    StateDep,
+    require_key,
+    require_key_for_metrics,
+)
 from .errors import error_response
 from .metrics import REGISTRY
 from .predictor import Predictor, mask_png, overlay_jpeg
@@ -44,7 +53,7 @@ def content_security_policy(page: str) -> str:
 
 
 DEMO_CSP = content_security_policy(DEMO_PAGE)
-ERRORS = {s: {"model": ErrorBody} for s in (413, 415, 422, 503, 504)}
+ERRORS = {s: {"model": ErrorBody} for s in (401, 408, 413, 415, 422, 503, 504)}
 PNG_ANSWER = {200: {"content": {"image/png": {}}, "description": "JSON by default; the palette PNG itself with "
                     "`Accept: image/png` (counts in the X-Class-Pixels header)"}}
 
@@ -56,7 +65,8 @@ def wants_png(request: Request) -> bool:
     return "image/png" in accept and "application/json" not in accept
 
 
-@router.post("/segment", response_model=SegmentResponse, responses={**ERRORS, **PNG_ANSWER})
+@router.post("/segment", response_model=SegmentResponse, responses={**ERRORS, **PNG_ANSWER},
+             dependencies=[Depends(require_key)])
 async def segment(request: Request, settings: SettingsDep, predictor: PredictorDep, batcher: BatcherDep,
                   codec: CodecDep, large: LargeLaneDep,
                   overlay: Annotated[bool, Query(description="add a JPEG overlay")] = False):
@@ -91,7 +101,8 @@ async def segment(request: Request, settings: SettingsDep, predictor: PredictorD
     timings = Timings(decode=ms(t1 - t0), queue=ms(job.started - job.enqueued), inference=ms(t2 - job.started),
                       encode=ms(t3 - t2))
     return segment_response(width, height, png, result.counts, classes,
-                            model_ref(predictor.checkpoint, predictor.backend.name, predictor.precision), timings, over)
+                            model_ref(predictor.checkpoint, predictor.backend.name, predictor.precision), timings,
+                            request.state.request_id, over)
 
 
 def overloaded(settings: Settings) -> Response:
@@ -122,7 +133,7 @@ async def ready(state: StateDep):
     return {"status": "ready"}
 
 
-@router.get("/metrics", include_in_schema=False)
+@router.get("/metrics", include_in_schema=False, dependencies=[Depends(require_key_for_metrics)])
 async def metrics():
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 

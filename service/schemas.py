@@ -41,6 +41,7 @@ class SegmentResponse(BaseModel):
     overlay: str | None = Field(None, description="base64 JPEG of the mask over the image (?overlay=true)")
     model: ModelRef
     timings_ms: Timings
+    request_id: str = Field(description="this request's X-Request-ID (the caller's, or one made up for it)")
 
 
 class ClassInfo(BaseModel):
@@ -94,9 +95,11 @@ def class_pixels(classes: ClassSet, counts: list[int]) -> list[ClassPixels]:
 
 
 def segment_response(width: int, height: int, mask_png: bytes, counts: list[int], classes: ClassSet,
-                     model: ModelRef, timings: Timings, overlay_jpeg: bytes | None = None) -> SegmentResponse:
+                     model: ModelRef, timings: Timings, request_id: str,
+                     overlay_jpeg: bytes | None = None) -> SegmentResponse:
     return SegmentResponse(width=width, height=height, mask=b64(mask_png), classes=class_pixels(classes, counts),
-                           overlay=b64(overlay_jpeg) if overlay_jpeg else None, model=model, timings_ms=timings)
+                           overlay=b64(overlay_jpeg) if overlay_jpeg else None, model=model, timings_ms=timings,
+                           request_id=request_id)
 
 
 def model_info(checkpoint: Checkpoint, device: str, backend: str, precision: str, notes: list[str]) -> ModelInfo:

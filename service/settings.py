@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 if TYPE_CHECKING:
     import torch
@@ -47,9 +47,20 @@ class Settings(BaseSettings):
                              "masks and counts); 0: half the CPU cores (at least 1), so they do not starve the "
                              "inference threads")
     overlay_alpha: float = Field(0.5, ge=0, le=1, description="mask opacity in overlays")
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        [], description="comma-separated keys; when set, /segment needs 'Authorization: Bearer KEY' or 'X-API-Key: "
+                        "KEY' (401 otherwise); empty: open")
+    metrics_require_key: bool = Field(False, description="/metrics needs a key too (when api_keys is set)")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        [], description="comma-separated origins allowed to call from a browser ('*' for any); empty: no CORS")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def comma_separated(cls, value):
+        return [x.strip() for x in value.split(",") if x.strip()] if isinstance(value, str) else value
 
     def batch_size_for(self, device: torch.device) -> int:
         return self.max_batch_size or (16 if device.type == "cuda" else 1)

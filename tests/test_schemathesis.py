@@ -13,12 +13,14 @@ from schemathesis.checks import positive_data_acceptance
 from .live import start_service
 from .test_service import checkpoint  # noqa: F401
 
+KEY = "schemathesis-key"
+
 
 @pytest.fixture(scope="module")
 def api_schema(checkpoint):  # noqa: F811
     proc, base, _ = start_service({
         "SEGMENT_CHECKPOINT": str(checkpoint), "SEGMENT_DEVICE": "cpu", "SEGMENT_BACKEND": "torch",
-        "SEGMENT_WARMUP_PASSES": "1", "SEGMENT_LOG_LEVEL": "warning"})
+        "SEGMENT_WARMUP_PASSES": "1", "SEGMENT_LOG_LEVEL": "warning", "SEGMENT_API_KEYS": KEY})
     yield schemathesis.openapi.from_url(f"{base}/openapi.json")
     proc.kill()
 
@@ -34,7 +36,9 @@ def test_every_operation_answers_as_documented(api_schema):
         def answers_as_documented(case):
             # positive_data_acceptance expects every schema-valid body to succeed, but no schema can say "an
             # image": random bytes in the binary field are rightly a 415 (still checked: documented status)
-            case.call_and_validate(excluded_checks=[positive_data_acceptance])
+            # with the key: schemathesis also checks that the same request without it is refused (ignored_auth)
+            case.call_and_validate(headers={"Authorization": f"Bearer {KEY}"},
+                                   excluded_checks=[positive_data_acceptance])
 
         try:
             answers_as_documented()
