@@ -55,7 +55,7 @@ class SegmentAPI(ls.LitAPI):
         png = mask_png(result.mask, self.predictor.meta.classes.palette())
         # a LitAPI does not see its queue: that wait is reported as 0 (the bench reads only HTTP timings)
         timings = Timings(decode=ms(decode), queue=0.0, inference=ms(inference), encode=ms(time.perf_counter() - t0))
-        return segment_response(image.width, image.height, png, result.counts, self.predictor.meta.classes,
+        return segment_response(image.width, image.height, png, result, self.predictor.meta.classes,
                                 model_ref(self.predictor.checkpoint, self.predictor.backend.name,
                                           self.predictor.precision), timings, uuid.uuid4().hex).model_dump()
 

@@ -27,6 +27,7 @@ class Job:
     enqueued: float = field(default_factory=time.perf_counter)
     started: float = 0.0  # when its batch began on the device
     executor: Executor | None = None  # where its postprocess runs, if not the batcher's post_executor
+    confidence: bool = False  # the answer wants per-pixel confidence
 
 
 class Batcher:
@@ -61,10 +62,11 @@ class Batcher:
         refused, so it is refused before its body is read."""
         return self.queue.qsize() + self.incoming >= self.queue.maxsize
 
-    def enqueue(self, tensor: torch.Tensor, size: tuple[int, int], executor: Executor | None = None) -> Job:
+    def enqueue(self, tensor: torch.Tensor, size: tuple[int, int], executor: Executor | None = None,
+                confidence: bool = False) -> Job:
         """Queue one preprocessed image; its result arrives on `job.future`. Raises QueueFull. `executor`: where its
         postprocess runs on a CPU (a large upload's own lane), instead of the post_executor."""
-        job = Job(tensor, size, asyncio.get_running_loop().create_future(), executor=executor)
+        job = Job(tensor, size, asyncio.get_running_loop().create_future(), executor=executor, confidence=confidence)
         try:
             self.queue.put_nowait(job)
         except asyncio.QueueFull:
@@ -103,7 +105,7 @@ class Batcher:
             try:
                 if self.post_executor is None:  # forward and postprocess in one go on the worker
                     results = await loop.run_in_executor(self.executor, self.predictor.predict, batch,
-                                                         [j.size for j in jobs])
+                                                         [j.size for j in jobs], [j.confidence for j in jobs])
                 else:
                     logits = await loop.run_in_executor(self.executor, self.predictor.forward, batch)
             except Exception as e:  # a failed forward must fail its requests, not kill the worker
@@ -125,7 +127,7 @@ class Batcher:
             return
         try:
             result = await asyncio.get_running_loop().run_in_executor(
-                job.executor or self.post_executor, self.predictor.postprocess, logits, job.size)
+                job.executor or self.post_executor, self.predictor.postprocess, logits, job.size, job.confidence)
         except Exception as e:
             self._fail([job], e)
             return

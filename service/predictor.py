@@ -13,7 +13,7 @@ from PIL import Image
 
 from models.checkpoint import Checkpoint, load_checkpoint
 from models.errors import ConfigError
-from models.processing import logits_to_mask, preprocess
+from models.processing import logits_to_mask, logits_to_mask_and_confidence, preprocess
 
 from .backends import Selection, select_backend
 
@@ -22,6 +22,8 @@ from .backends import Selection, select_backend
 class Prediction:
     mask: np.ndarray  # (H, W) uint8 class indices, the upload's exact size
     counts: list[int]  # pixels per class, summing to H*W
+    confidence: np.ndarray | None = None  # (H, W) uint8 round(255 x the chosen class's softmax probability)
+    mean_confidence: list[float | None] | None = None  # per class, over its pixels (None: it has none)
 
 
 def pick_device(name: str) -> torch.device:
@@ -72,17 +74,26 @@ class Predictor:
         return self.backend(batch)
 
     @torch.inference_mode()
-    def postprocess(self, logits: torch.Tensor, size: tuple[int, int]) -> Prediction:
-        """(C, h, w) logits → the mask at the upload's (H, W) and per-class counts, both computed where the
-        logits are (bincount on the device)."""
-        mask = logits_to_mask(logits, size, self.meta.classes.void_index)
-        counts = torch.bincount(mask.flatten(), minlength=self.num_classes)  # on the uint8 mask: no int64 copy
-        return Prediction(mask.cpu().numpy(), counts.cpu().tolist())
+    def postprocess(self, logits: torch.Tensor, size: tuple[int, int], confidence: bool = False) -> Prediction:
+        """(C, h, w) logits → the mask at the upload's (H, W) and per-class counts (and with `confidence`, each
+        pixel's confidence and each class's mean), all computed where the logits are (bincount on the device)."""
+        void = self.meta.classes.void_index
+        if not confidence:
+            mask = logits_to_mask(logits, size, void)
+            counts = torch.bincount(mask.flatten(), minlength=self.num_classes)  # on the uint8 mask: no int64 copy
+            return Prediction(mask.cpu().numpy(), counts.cpu().tolist())
+        mask, conf, sums = logits_to_mask_and_confidence(logits, size, void)
+        counts = torch.bincount(mask.flatten(), minlength=self.num_classes).cpu().tolist()
+        means = [s / n if n else None for s, n in zip(sums.cpu().tolist(), counts, strict=True)]
+        return Prediction(mask.cpu().numpy(), counts, conf.cpu().numpy(), means)
 
-    def predict(self, batch: torch.Tensor, sizes: list[tuple[int, int]]) -> list[Prediction]:
-        """forward + postprocess for each image; sizes: each upload's (H, W)."""
+    def predict(self, batch: torch.Tensor, sizes: list[tuple[int, int]],
+                confidence: list[bool] | None = None) -> list[Prediction]:
+        """forward + postprocess for each image; sizes: each upload's (H, W); confidence: which want it."""
         logits = self.forward(batch)
-        return [self.postprocess(logits[i], size) for i, size in enumerate(sizes)]
+        confidence = confidence or [False] * len(sizes)
+        return [self.postprocess(logits[i], size, c) for i, (size, c) in enumerate(zip(sizes, confidence,
+                                                                                        strict=True))]
 
     def warmup(self, passes: int, batch_size: int) -> float:
         t0 = time.perf_counter()
@@ -99,6 +110,13 @@ def mask_png(mask: np.ndarray, palette: list[int]) -> bytes:
     im.putpalette(palette)
     buf = io.BytesIO()
     im.save(buf, format="PNG", compress_level=3)
+    return buf.getvalue()
+
+
+def grey_png(values: np.ndarray) -> bytes:
+    """An 8-bit greyscale PNG of (H, W) uint8 values."""
+    buf = io.BytesIO()
+    Image.fromarray(values, mode="L").save(buf, format="PNG", compress_level=3)
     return buf.getvalue()
 
 

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 import torch
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, Response
@@ -34,7 +33,7 @@ from .deps import (
 )
 from .errors import error_response
 from .metrics import REGISTRY
-from .predictor import Predictor, mask_png, overlay_jpeg
+from .predictor import Prediction, Predictor, grey_png, mask_png, overlay_jpeg
 from .schemas import ErrorBody, ModelInfo, SegmentResponse, Timings, model_info, model_ref, ms, segment_response
 from .settings import Settings
 from .upload import read_image_field
@@ -66,10 +65,12 @@ def wants_png(request: Request) -> bool:
 
 
 @router.post("/segment", response_model=SegmentResponse, responses={**ERRORS, **PNG_ANSWER},
-             dependencies=[Depends(require_key)])
+             dependencies=[Depends(require_key)], response_model_exclude_unset=True)
 async def segment(request: Request, settings: SettingsDep, predictor: PredictorDep, batcher: BatcherDep,
                   codec: CodecDep, large: LargeLaneDep,
-                  overlay: Annotated[bool, Query(description="add a JPEG overlay")] = False):
+                  overlay: Annotated[bool, Query(description="add a JPEG overlay")] = False,
+                  confidence: Annotated[bool, Query(description="add a greyscale PNG of each pixel's confidence "
+                                                    "and each class's mean confidence")] = False):
     if batcher.at_capacity():  # before the body is read or decoded: a refused request costs nothing
         return overloaded(settings)
     loop = asyncio.get_running_loop()
@@ -82,13 +83,13 @@ async def segment(request: Request, settings: SettingsDep, predictor: PredictorD
                 upload, tensor = await loop.run_in_executor(lane, decode_and_preprocess, data, settings, predictor,
                                                             overlay)
                 width, height = upload.size
-                job = batcher.enqueue(tensor, (height, width), None if lane is codec else lane)
+                job = batcher.enqueue(tensor, (height, width), None if lane is codec else lane, confidence)
             t1 = time.perf_counter()
             result = await job.future
             t2 = time.perf_counter()
             classes = predictor.meta.classes
-            png, over = await loop.run_in_executor(lane, encode, upload.full, result.mask, classes, overlay,
-                                                   settings.overlay_alpha)
+            png, over, conf = await loop.run_in_executor(lane, encode, upload.full, result, classes, overlay,
+                                                         settings.overlay_alpha)
     except QueueFull:
         return overloaded(settings)
     except TimeoutError:
@@ -100,9 +101,9 @@ async def segment(request: Request, settings: SettingsDep, predictor: PredictorD
         return Response(png, media_type="image/png", headers={"X-Class-Pixels": json.dumps(counts)})
     timings = Timings(decode=ms(t1 - t0), queue=ms(job.started - job.enqueued), inference=ms(t2 - job.started),
                       encode=ms(t3 - t2))
-    return segment_response(width, height, png, result.counts, classes,
+    return segment_response(width, height, png, result, classes,
                             model_ref(predictor.checkpoint, predictor.backend.name, predictor.precision), timings,
-                            request.state.request_id, over)
+                            request.state.request_id, over, conf)
 
 
 def overloaded(settings: Settings) -> Response:
@@ -146,20 +147,27 @@ def decode_and_preprocess(data: bytes, settings: Settings, predictor: Predictor,
     return upload, predictor.preprocess(upload.image)
 
 
-def encode(image: Image.Image, mask: np.ndarray, classes: ClassSet, overlay: bool,
-           alpha: float) -> tuple[bytes, bytes | None]:
-    png = mask_png(mask, classes.palette())
-    return png, overlay_jpeg(image, mask, classes.palette(), alpha) if overlay else None
+def encode(image: Image.Image | None, result: Prediction, classes: ClassSet, overlay: bool,
+           alpha: float) -> tuple[bytes, bytes | None, bytes | None]:
+    """The palette PNG mask; the overlay JPEG and the confidence PNG when asked for."""
+    png = mask_png(result.mask, classes.palette())
+    over = overlay_jpeg(image, result.mask, classes.palette(), alpha) if overlay else None
+    return png, over, grey_png(result.confidence) if result.confidence is not None else None
 
 
 def document_upload(app: FastAPI, settings: Settings) -> None:
     """/segment reads its body itself (streaming, capped), so FastAPI cannot describe it: add the multipart `image`
-    field to the OpenAPI schema, with this instance's limits (FastAPI's "extending OpenAPI" recipe)."""
+    field and the JSON form to the OpenAPI schema, with this instance's limits (FastAPI's "extending OpenAPI"
+    recipe)."""
     limits = f"at most {settings.max_upload_bytes} bytes and {settings.max_pixels} pixels"
-    body = {"required": True, "content": {"multipart/form-data": {"schema": {
-        "type": "object", "required": ["image"],
-        "properties": {"image": {"type": "string", "format": "binary", "minLength": 1,
-                                 "description": f"JPEG, PNG, WebP, BMP, TIFF or GIF; {limits}"}}}}}}
+    accepted = f"JPEG, PNG, WebP, BMP, TIFF or GIF; {limits}"
+    body = {"required": True, "content": {
+        "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
+            "image": {"type": "string", "format": "binary", "minLength": 1, "description": accepted}}}},
+        "application/json": {"schema": {"type": "object", "required": ["image"], "properties": {
+            "image": {"type": "string", "format": "byte", "minLength": 1,
+                      "description": f"the image file, base64-encoded: {accepted} (the byte limit counts this "
+                                     "JSON body as sent)"}}}}}}
     generate = app.openapi
 
     def openapi() -> dict:

@@ -9,6 +9,8 @@ from pydantic import BaseModel, Field
 from models.checkpoint import Checkpoint
 from models.classes import ClassSet
 
+from .predictor import Prediction
+
 
 class ClassPixels(BaseModel):
     index: int = Field(examples=[3])
@@ -16,6 +18,8 @@ class ClassPixels(BaseModel):
     color: str = Field(description="#rrggbb, the mask palette colour", examples=["#804080"])
     pixels: int = Field(examples=[52311])
     fraction: float = Field(examples=[0.3028])
+    mean_confidence: float | None = Field(None, description="with ?confidence=true: the mean softmax probability "
+                                          "of this class over its pixels (null when it has none)", examples=[0.93])
 
 
 class ModelRef(BaseModel):
@@ -39,6 +43,8 @@ class SegmentResponse(BaseModel):
                                   "the palette is the class colours")
     classes: list[ClassPixels]
     overlay: str | None = Field(None, description="base64 JPEG of the mask over the image (?overlay=true)")
+    confidence: str | None = Field(None, description="with ?confidence=true: base64 8-bit greyscale PNG of the "
+                                   "upload's size, value = round(255 x the softmax probability of the pixel's class)")
     model: ModelRef
     timings_ms: Timings
     request_id: str = Field(description="this request's X-Request-ID (the caller's, or one made up for it)")
@@ -88,18 +94,23 @@ def ms(seconds: float) -> float:
     return round(seconds * 1000, 2)
 
 
-def class_pixels(classes: ClassSet, counts: list[int]) -> list[ClassPixels]:
+def class_pixels(classes: ClassSet, counts: list[int], means: list[float | None] | None = None) -> list[ClassPixels]:
     total = sum(counts)
-    return [ClassPixels(index=i, name=n, color=hexcolor(c), pixels=p, fraction=round(p / total, 6))
-            for i, (n, c, p) in enumerate(zip(classes.names, classes.colors, counts, strict=True))]
+    extra = [{} for _ in counts] if means is None else [
+        {"mean_confidence": None if m is None else round(m, 4)} for m in means]
+    return [ClassPixels(index=i, name=n, color=hexcolor(c), pixels=p, fraction=round(p / total, 6), **e)
+            for i, (n, c, p, e) in enumerate(zip(classes.names, classes.colors, counts, extra, strict=True))]
 
 
-def segment_response(width: int, height: int, mask_png: bytes, counts: list[int], classes: ClassSet,
-                     model: ModelRef, timings: Timings, request_id: str,
-                     overlay_jpeg: bytes | None = None) -> SegmentResponse:
-    return SegmentResponse(width=width, height=height, mask=b64(mask_png), classes=class_pixels(classes, counts),
+def segment_response(width: int, height: int, mask_png: bytes, result: Prediction, classes: ClassSet,
+                     model: ModelRef, timings: Timings, request_id: str, overlay_jpeg: bytes | None = None,
+                     confidence_png: bytes | None = None) -> SegmentResponse:
+    """The JSON answer; `confidence` and each class's `mean_confidence` appear only when the result has them."""
+    extra = {} if confidence_png is None else {"confidence": b64(confidence_png)}
+    return SegmentResponse(width=width, height=height, mask=b64(mask_png),
+                           classes=class_pixels(classes, result.counts, result.mean_confidence),
                            overlay=b64(overlay_jpeg) if overlay_jpeg else None, model=model, timings_ms=timings,
-                           request_id=request_id)
+                           request_id=request_id, **extra)
 
 
 def model_info(checkpoint: Checkpoint, device: str, backend: str, precision: str, notes: list[str]) -> ModelInfo:

@@ -1,4 +1,5 @@
-"""Read the multipart `image` field while the body streams in, refusing it as soon as it passes the cap.
+"""Read the multipart `image` field (or a JSON body's base64 `image`) while the body streams in, refusing it as soon
+as it passes the cap.
 
 Starlette's form parser spools whole uploads before a route sees them; this reads request.stream()
 through python-multipart's push parser and stops at the first byte over the limit, at a second `image`
@@ -8,6 +9,10 @@ part, or when the whole body has not arrived within the body timeout.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import json
+from collections.abc import Callable
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -53,18 +58,11 @@ class ImageField:
             self.data += data[start:end]
 
 
-async def read_image_field(request: Request, max_bytes: int, timeout_s: float, field: str = "image") -> bytes:
-    ctype, params = parse_options_header(request.headers.get("content-type", ""))
-    if ctype != b"multipart/form-data" or b"boundary" not in params:
-        raise UploadError(422, "missing_field", f"send the image as multipart/form-data in a field named '{field}'")
+async def read_body(request: Request, max_bytes: int, timeout_s: float, sink: Callable[[bytes], object]) -> None:
+    """Feed the body to `sink` chunk by chunk as it arrives: 413 past `max_bytes`, 408 past `timeout_s`."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
         raise UploadError(413, "too_large", f"the request body is {declared} bytes; the limit is {max_bytes} bytes")
-    image = ImageField(field)
-    try:
-        parser = MultipartParser(params[b"boundary"], image.callbacks())
-    except (MultipartParseError, ValueError) as e:  # e.g. a boundary over 256 characters (RFC 2046's limit is 70)
-        raise UploadError(422, "malformed_multipart", f"the multipart boundary is not usable ({e})") from None
     received = 0
     try:
         async with asyncio.timeout(timeout_s):
@@ -72,14 +70,49 @@ async def read_image_field(request: Request, max_bytes: int, timeout_s: float, f
                 received += len(chunk)
                 if received > max_bytes:
                     raise UploadError(413, "too_large", f"the request body passed the limit of {max_bytes} bytes")
-                try:
-                    parser.write(chunk)
-                except MultipartParseError as e:
-                    raise UploadError(422, "malformed_multipart",
-                                      f"the multipart body could not be parsed ({e})") from None
+                sink(chunk)
     except TimeoutError:
         raise UploadError(408, "body_timeout", f"the request body did not arrive within {timeout_s:g} s "
                           f"({received} bytes came); send it faster or in one go") from None
+
+
+async def read_image_field(request: Request, max_bytes: int, timeout_s: float, field: str = "image") -> bytes:
+    """The image bytes of a multipart form's `field`, or of a JSON body {"image": "<base64>"}."""
+    ctype, params = parse_options_header(request.headers.get("content-type", ""))
+    if ctype == b"application/json":
+        return await read_json_image(request, max_bytes, timeout_s, field)
+    if ctype != b"multipart/form-data" or b"boundary" not in params:
+        raise UploadError(422, "missing_field", f"send the image as multipart/form-data in a field named '{field}', "
+                          f"or as JSON {{\"{field}\": \"<base64>\"}}")
+    image = ImageField(field)
+    try:
+        parser = MultipartParser(params[b"boundary"], image.callbacks())
+    except (MultipartParseError, ValueError) as e:  # e.g. a boundary over 256 characters (RFC 2046's limit is 70)
+        raise UploadError(422, "malformed_multipart", f"the multipart boundary is not usable ({e})") from None
+
+    def write(chunk: bytes) -> None:
+        try:
+            parser.write(chunk)
+        except MultipartParseError as e:
+            raise UploadError(422, "malformed_multipart", f"the multipart body could not be parsed ({e})") from None
+
+    await read_body(request, max_bytes, timeout_s, write)
     if not image.count:
         raise UploadError(422, "missing_field", f"no '{field}' field in the form; send the image as '{field}'")
     return bytes(image.data)
+
+
+async def read_json_image(request: Request, max_bytes: int, timeout_s: float, field: str = "image") -> bytes:
+    """{"image": "<base64>"}: the cap counts the JSON body as sent, before base64 decoding."""
+    body = bytearray()
+    await read_body(request, max_bytes, timeout_s, body.extend)
+    try:
+        document = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UploadError(422, "invalid_json", f"the body is not valid JSON ({e})") from None
+    if not isinstance(document, dict) or not isinstance(document.get(field), str):
+        raise UploadError(422, "missing_field", f"send a JSON object {{\"{field}\": \"<base64 image>\"}}")
+    try:
+        return base64.b64decode(document[field], validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise UploadError(422, "invalid_base64", f"'{field}' is not valid base64 ({e})") from None

@@ -1,9 +1,18 @@
-"""What client apps rely on: API keys, CORS for browser apps on other origins, request IDs."""
+"""What client apps rely on: API keys, CORS for browser apps on other origins, request IDs, confidence."""
 
+import base64
+import io
 import re
 import time
 
+import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from models.checkpoint import load_checkpoint
+from models.processing import logits_to_mask, logits_to_mask_and_confidence, preprocess
 
 from .live import start_service
 from .test_hardening import raw_request
@@ -89,3 +98,67 @@ def test_request_ids_are_echoed_or_made_up_and_in_the_answer(keyed):
         made.append(rid)
     assert len(set(made)) == len(made)
     assert re.fullmatch(r"[0-9a-f]{32}", keyed.get("/nope").headers["X-Request-ID"])  # errors carry one too
+
+
+def test_confidence_is_the_softmax_probability_of_each_pixels_class(keyed, checkpoint):  # noqa: F811
+    r = post(keyed, IMAGE.read_bytes(), params={"confidence": "true"}, headers={"X-API-Key": "key-one"})
+    body = r.json()
+    conf = np.array(Image.open(io.BytesIO(base64.b64decode(body["confidence"]))))
+    mask = np.array(Image.open(io.BytesIO(base64.b64decode(body["mask"]))))
+    assert conf.shape == mask.shape == (72, 96) and conf.dtype == np.uint8
+    # recomputed independently: the model's logits resized to the frame, softmax over all classes
+    ckpt = load_checkpoint(checkpoint)
+    x = torch.from_numpy(np.array(Image.open(IMAGE).convert("RGB"))).permute(2, 0, 1)
+    with torch.no_grad():
+        logits = F.interpolate(ckpt.model(preprocess(x, (64, 96), ckpt.meta.mean, ckpt.meta.std)[None]),
+                               size=(72, 96), mode="bilinear", align_corners=False)[0]
+    probs = logits.softmax(0)
+    chosen = torch.from_numpy(mask.astype(np.int64))
+    expected = (probs.gather(0, chosen[None])[0] * 255).round().numpy()
+    assert np.abs(conf.astype(int) - expected).max() <= 1
+    best_non_void = probs[:11].argmax(0).numpy()
+    assert (best_non_void == mask).mean() > 0.999  # the confident class is the one in the mask
+    for c in body["classes"]:
+        if c["pixels"]:
+            assert c["mean_confidence"] == pytest.approx(conf[mask == c["index"]].mean() / 255, abs=0.01)
+        else:
+            assert c["mean_confidence"] is None
+    plain = post(keyed, IMAGE.read_bytes(), headers={"X-API-Key": "key-one"}).json()
+    assert "confidence" not in plain and "mean_confidence" not in plain["classes"][0]
+
+
+def test_confidence_in_strips_equals_in_one_piece():
+    logits = torch.randn(5, 9, 13)
+    whole = logits_to_mask_and_confidence(logits, (100, 37), 2)
+    strips = logits_to_mask_and_confidence(logits, (100, 37), 2, rows_per_strip=7, max_direct=0)
+    assert (whole[0] == strips[0]).float().mean() > 0.999
+    assert (whole[1].int() - strips[1].int()).abs().max() <= 1
+    assert torch.allclose(whole[2], strips[2], rtol=1e-3)
+    assert torch.equal(whole[0], logits_to_mask(logits, (100, 37), 2))
+
+
+def test_json_input_gives_the_multipart_answer_and_the_same_errors(keyed):
+    key = {"X-API-Key": "key-one"}
+    png = IMAGE.read_bytes()
+    form = post(keyed, png, headers=key).json()
+    as_json = keyed.post("/segment", json={"image": base64.b64encode(png).decode()}, headers=key)
+    assert as_json.status_code == 200
+    assert as_json.json()["mask"] == form["mask"]  # the same palette PNG, byte for byte
+    assert [c["pixels"] for c in as_json.json()["classes"]] == [c["pixels"] for c in form["classes"]]
+    cases = [({"image": "not base64!"}, 422, "invalid_base64"), ({"picture": "AAAA"}, 422, "missing_field"),
+             ([1, 2], 422, "missing_field"), ({"image": base64.b64encode(b"text").decode()}, 415,
+                                              "unsupported_media_type")]
+    for document, status, code in cases:
+        r = keyed.post("/segment", json=document, headers=key)
+        assert (r.status_code, r.json()["code"]) == (status, code), document
+    r = keyed.post("/segment", content=b"{not json", headers={**key, "Content-Type": "application/json"})
+    assert (r.status_code, r.json()["code"]) == (422, "invalid_json")
+
+
+def test_json_input_counts_the_byte_cap_before_base64_decoding(checkpoint):  # noqa: F811
+    png = IMAGE.read_bytes()
+    encoded_size = len(base64.b64encode(png)) + len('{"image": ""}')
+    with make_client(checkpoint, backend="torch", max_upload_bytes=max(1024, encoded_size - 10)) as c:
+        assert len(png) < encoded_size - 10  # the image alone would fit; its JSON does not
+        r = c.post("/segment", json={"image": base64.b64encode(png).decode()})
+        assert (r.status_code, r.json()["code"]) == (413, "too_large")
