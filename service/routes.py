@@ -11,16 +11,11 @@ import time
 from pathlib import Path
 from typing import Annotated
 
-import torch
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, Response
-from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from models.classes import ClassSet
-
 from .batcher import QueueFull
-from .decode import LARGE_PIXELS, Decoded, decode_upload, header_pixels
 from .deps import (
     BatcherDep,
     CodecDep,
@@ -31,12 +26,22 @@ from .deps import (
     require_key,
     require_key_for_metrics,
 )
-from .errors import error_response
+from .errors import UploadError, error_response
 from .metrics import REGISTRY
-from .predictor import Prediction, Predictor, grey_png, mask_png, overlay_jpeg
-from .schemas import ErrorBody, ModelInfo, SegmentResponse, Timings, model_info, model_ref, ms, segment_response
+from .pipeline import Options, Segmented, decode_and_queue, wait_and_encode
+from .predictor import Predictor
+from .schemas import (
+    BatchResponse,
+    ErrorBody,
+    ItemError,
+    ModelInfo,
+    SegmentResponse,
+    model_info,
+    model_ref,
+    segment_response,
+)
 from .settings import Settings
-from .upload import read_image_field
+from .upload import read_file_parts, read_image_field
 
 DEMO_PAGE = (Path(__file__).parent / "static" / "index.html").read_text()
 
@@ -64,46 +69,87 @@ def wants_png(request: Request) -> bool:
     return "image/png" in accept and "application/json" not in accept
 
 
+OverlayQuery = Annotated[bool, Query(description="add a JPEG overlay")]
+ConfidenceQuery = Annotated[bool, Query(description="add a greyscale PNG of each pixel's confidence and each class's "
+                                                    "mean confidence")]
+
+
 @router.post("/segment", response_model=SegmentResponse, responses={**ERRORS, **PNG_ANSWER},
              dependencies=[Depends(require_key)], response_model_exclude_unset=True)
 async def segment(request: Request, settings: SettingsDep, predictor: PredictorDep, batcher: BatcherDep,
-                  codec: CodecDep, large: LargeLaneDep,
-                  overlay: Annotated[bool, Query(description="add a JPEG overlay")] = False,
-                  confidence: Annotated[bool, Query(description="add a greyscale PNG of each pixel's confidence "
-                                                    "and each class's mean confidence")] = False):
+                  codec: CodecDep, large: LargeLaneDep, overlay: OverlayQuery = False,
+                  confidence: ConfidenceQuery = False):
     if batcher.at_capacity():  # before the body is read or decoded: a refused request costs nothing
         return overloaded(settings)
-    loop = asyncio.get_running_loop()
-    t0 = time.perf_counter()
+    options = Options(overlay, confidence)
     try:
         async with asyncio.timeout(settings.request_timeout_s):  # upload, decode, queue, inference and encode
             with batcher.arriving():  # a forming batch waits for this request while it is on its way
+                t0 = time.perf_counter()
                 data = await read_image_field(request, settings.max_upload_bytes, settings.body_timeout_s)
-                lane = large if header_pixels(data) > LARGE_PIXELS else codec  # big ones never block small ones
-                upload, tensor = await loop.run_in_executor(lane, decode_and_preprocess, data, settings, predictor,
-                                                            overlay)
-                width, height = upload.size
-                job = batcher.enqueue(tensor, (height, width), None if lane is codec else lane, confidence)
-            t1 = time.perf_counter()
-            result = await job.future
-            t2 = time.perf_counter()
-            classes = predictor.meta.classes
-            png, over, conf = await loop.run_in_executor(lane, encode, upload.full, result, classes, overlay,
-                                                         settings.overlay_alpha)
+                queued = await decode_and_queue(data, t0, settings, predictor, batcher, codec, large, options)
+            done = await wait_and_encode(queued, predictor, settings, options)
     except QueueFull:
         return overloaded(settings)
     except TimeoutError:
-        return error_response(504, "timeout", f"no result within {settings.request_timeout_s:g} s; the service is "
-                              "overloaded, retry later")
-    t3 = time.perf_counter()
+        return timed_out(settings)
     if wants_png(request):
-        counts = dict(zip(classes.names, result.counts, strict=True))
-        return Response(png, media_type="image/png", headers={"X-Class-Pixels": json.dumps(counts)})
-    timings = Timings(decode=ms(t1 - t0), queue=ms(job.started - job.enqueued), inference=ms(t2 - job.started),
-                      encode=ms(t3 - t2))
-    return segment_response(width, height, png, result, classes,
-                            model_ref(predictor.checkpoint, predictor.backend.name, predictor.precision), timings,
-                            request.state.request_id, over, conf)
+        counts = dict(zip(predictor.meta.classes.names, done.result.counts, strict=True))
+        return Response(done.png, media_type="image/png", headers={"X-Class-Pixels": json.dumps(counts)})
+    return answer(done, predictor, request.state.request_id)
+
+
+@router.post("/segment/batch", response_model=BatchResponse, responses=ERRORS, dependencies=[Depends(require_key)],
+             response_model_exclude_unset=True)
+async def segment_batch(request: Request, settings: SettingsDep, predictor: PredictorDep, batcher: BatcherDep,
+                        codec: CodecDep, large: LargeLaneDep, overlay: OverlayQuery = False,
+                        confidence: ConfidenceQuery = False):
+    """Several frames in one multipart request (parts named `images`): one answer each, in upload order; a frame
+    that cannot be segmented gets its own error and does not fail the others."""
+    if batcher.at_capacity():
+        return overloaded(settings)
+    options = Options(overlay, confidence)
+    try:
+        async with asyncio.timeout(settings.request_timeout_s):
+            with batcher.arriving():
+                t0 = time.perf_counter()
+                files = await read_file_parts(request, settings.max_upload_bytes, settings.body_timeout_s, "images",
+                                              settings.max_batch_files)
+                queued = await asyncio.gather(*(decode_and_queue(data, t0, settings, predictor, batcher, codec,
+                                                                 large, options) for _, data in files),
+                                              return_exceptions=True)
+
+            async def finish(q):  # a frame that failed to decode or queue keeps its error
+                return q if isinstance(q, Exception) else await wait_and_encode(q, predictor, settings, options)
+
+            done = await asyncio.gather(*(finish(q) for q in queued), return_exceptions=True)
+    except TimeoutError:
+        return timed_out(settings)
+    rid = request.state.request_id
+    return BatchResponse(request_id=rid, results=[
+        item_error(name, d) if isinstance(d, Exception) else answer(d, predictor, rid, name)
+        for (name, _), d in zip(files, done, strict=True)])
+
+
+def answer(done: Segmented, predictor: Predictor, request_id: str, filename: str | None = None) -> SegmentResponse:
+    ref = model_ref(predictor.checkpoint, predictor.backend.name, predictor.precision)
+    return segment_response(done.width, done.height, done.png, done.result, predictor.meta.classes, ref,
+                            done.timings, request_id, done.overlay, done.confidence, filename)
+
+
+def item_error(filename: str, e: Exception) -> ItemError:
+    """One frame's failure in a batch, as /segment would have answered it alone."""
+    if isinstance(e, UploadError):
+        return ItemError(filename=filename, error=ErrorBody(detail=e.detail, code=e.code))
+    if isinstance(e, QueueFull):
+        return ItemError(filename=filename, error=ErrorBody(detail="the queue was full; send this frame again",
+                                                            code="overloaded"))
+    raise e  # anything else is a bug: the middleware answers 500 and logs it
+
+
+def timed_out(settings: Settings) -> Response:
+    return error_response(504, "timeout", f"no result within {settings.request_timeout_s:g} s; the service is "
+                          "overloaded, retry later")
 
 
 def overloaded(settings: Settings) -> Response:
@@ -139,22 +185,6 @@ async def metrics():
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
 
-def decode_and_preprocess(data: bytes, settings: Settings, predictor: Predictor,
-                          overlay: bool) -> tuple[Decoded, torch.Tensor]:
-    """The upload decoded (shrunk for the network; kept whole too when an overlay is drawn on it) and preprocessed."""
-    upload = decode_upload(data, settings.max_pixels, settings.max_aspect_ratio, max(predictor.meta.input_size),
-                           keep_full=overlay)
-    return upload, predictor.preprocess(upload.image)
-
-
-def encode(image: Image.Image | None, result: Prediction, classes: ClassSet, overlay: bool,
-           alpha: float) -> tuple[bytes, bytes | None, bytes | None]:
-    """The palette PNG mask; the overlay JPEG and the confidence PNG when asked for."""
-    png = mask_png(result.mask, classes.palette())
-    over = overlay_jpeg(image, result.mask, classes.palette(), alpha) if overlay else None
-    return png, over, grey_png(result.confidence) if result.confidence is not None else None
-
-
 def document_upload(app: FastAPI, settings: Settings) -> None:
     """/segment reads its body itself (streaming, capped), so FastAPI cannot describe it: add the multipart `image`
     field and the JSON form to the OpenAPI schema, with this instance's limits (FastAPI's "extending OpenAPI"
@@ -168,11 +198,19 @@ def document_upload(app: FastAPI, settings: Settings) -> None:
             "image": {"type": "string", "format": "byte", "minLength": 1,
                       "description": f"the image file, base64-encoded: {accepted} (the byte limit counts this "
                                      "JSON body as sent)"}}}}}}
+    batch = {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["images"], "properties": {"images": {
+            "type": "array", "minItems": 1, "maxItems": settings.max_batch_files,
+            "items": {"type": "string", "format": "binary", "minLength": 1},
+            "description": f"up to {settings.max_batch_files} frames, each {accepted.split('; ')[0]}; "
+                           f"at most {settings.max_upload_bytes} bytes in all"}}}}}}
     generate = app.openapi
 
     def openapi() -> dict:
         if app.openapi_schema is None:
-            generate()["paths"]["/segment"]["post"]["requestBody"] = body
+            paths = generate()["paths"]
+            paths["/segment"]["post"]["requestBody"] = body
+            paths["/segment/batch"]["post"]["requestBody"] = batch
         return app.openapi_schema
 
     app.openapi = openapi

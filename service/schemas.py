@@ -12,6 +12,11 @@ from models.classes import ClassSet
 from .predictor import Prediction
 
 
+class ErrorBody(BaseModel):
+    detail: str = Field(examples=["the image is 9000x9000 = 81000000 pixels; the limit is 40000000 pixels"])
+    code: str = Field(examples=["too_many_pixels"])
+
+
 class ClassPixels(BaseModel):
     index: int = Field(examples=[3])
     name: str = Field(examples=["Road"])
@@ -48,6 +53,18 @@ class SegmentResponse(BaseModel):
     model: ModelRef
     timings_ms: Timings
     request_id: str = Field(description="this request's X-Request-ID (the caller's, or one made up for it)")
+    filename: str | None = Field(None, description="in a batch: the part's file name")
+
+
+class ItemError(BaseModel):
+    filename: str
+    error: ErrorBody
+
+
+class BatchResponse(BaseModel):
+    results: list[SegmentResponse | ItemError] = Field(description="one per 'images' part, in upload order: the "
+                                                       "/segment answer plus 'filename', or the frame's error")
+    request_id: str
 
 
 class ClassInfo(BaseModel):
@@ -72,11 +89,6 @@ class ModelInfo(BaseModel):
                                      "was not used, each one's measured speed")
     created: str
     package_version: str
-
-
-class ErrorBody(BaseModel):
-    detail: str = Field(examples=["the image is 9000x9000 = 81000000 pixels; the limit is 40000000 pixels"])
-    code: str = Field(examples=["too_many_pixels"])
 
 
 # Builders: every answer is made here, from the checkpoint's classes and a prediction, by the service and by
@@ -104,9 +116,12 @@ def class_pixels(classes: ClassSet, counts: list[int], means: list[float | None]
 
 def segment_response(width: int, height: int, mask_png: bytes, result: Prediction, classes: ClassSet,
                      model: ModelRef, timings: Timings, request_id: str, overlay_jpeg: bytes | None = None,
-                     confidence_png: bytes | None = None) -> SegmentResponse:
-    """The JSON answer; `confidence` and each class's `mean_confidence` appear only when the result has them."""
+                     confidence_png: bytes | None = None, filename: str | None = None) -> SegmentResponse:
+    """The JSON answer; `confidence` and each class's `mean_confidence` appear only when the result has them,
+    `filename` only in a batch."""
     extra = {} if confidence_png is None else {"confidence": b64(confidence_png)}
+    if filename is not None:
+        extra["filename"] = filename
     return SegmentResponse(width=width, height=height, mask=b64(mask_png),
                            classes=class_pixels(classes, result.counts, result.mean_confidence),
                            overlay=b64(overlay_jpeg) if overlay_jpeg else None, model=model, timings_ms=timings,

@@ -34,6 +34,8 @@ class Settings(BaseSettings):
                                     "only while others are queued or being uploaded")
     queue_size: int = Field(64, ge=1, description="requests waiting for the model; beyond it: 503")
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="request body cap (413 beyond)")
+    max_batch_files: int = Field(16, ge=1, le=256, description="most 'images' parts in one POST /segment/batch "
+                                 "(413 beyond); the byte cap applies to the whole body")
     max_pixels: int = Field(40_000_000, ge=1, description="image pixel cap, checked before decoding (413)")
     max_aspect_ratio: float = Field(20.0, ge=1, description="longest side over shortest, checked before decoding "
                                     "(422): a 1x4,000,000 strip is no photo, and would cost gigabytes to resize")

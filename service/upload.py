@@ -21,11 +21,11 @@ from starlette.requests import Request
 from .errors import UploadError
 
 
-class ImageField:
-    """python-multipart callbacks that keep the bytes of the one part named `field`."""
+class FileParts:
+    """python-multipart callbacks that keep the parts named `field` (their file names and bytes), at most `most`."""
 
-    def __init__(self, field: str):
-        self.field, self.data, self.count = field, bytearray(), 0
+    def __init__(self, field: str, most: int = 1):
+        self.field, self.most, self.parts = field, most, []
         self.header, self.value, self.name, self.headers = b"", b"", None, {}
 
     def callbacks(self) -> dict:
@@ -48,14 +48,17 @@ class ImageField:
         self.name = disp.get(b"name", b"").decode("utf-8", "replace")
         self.headers = {}
         if self.name == self.field:
-            self.count += 1
-            if self.count > 1:
-                raise UploadError(422, "duplicate_field",
-                                  f"the form has more than one '{self.field}' part; send exactly one")
+            if len(self.parts) == self.most:
+                raise (UploadError(422, "duplicate_field", f"the form has more than one '{self.field}' part; send "
+                                   "exactly one (POST /segment/batch takes several, as 'images')") if self.most == 1
+                       else UploadError(413, "too_many_files", f"more than {self.most} '{self.field}' parts; the "
+                                        f"limit is {self.most} per request"))
+            filename = disp.get(b"filename", b"").decode("utf-8", "replace")
+            self.parts.append((filename or f"{self.field}-{len(self.parts) + 1}", bytearray()))
 
     def on_part_data(self, data, start, end):
         if self.name == self.field:
-            self.data += data[start:end]
+            self.parts[-1][1].extend(data[start:end])
 
 
 async def read_body(request: Request, max_bytes: int, timeout_s: float, sink: Callable[[bytes], object]) -> None:
@@ -76,17 +79,16 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float, sink: Ca
                           f"({received} bytes came); send it faster or in one go") from None
 
 
-async def read_image_field(request: Request, max_bytes: int, timeout_s: float, field: str = "image") -> bytes:
-    """The image bytes of a multipart form's `field`, or of a JSON body {"image": "<base64>"}."""
+async def read_file_parts(request: Request, max_bytes: int, timeout_s: float, field: str,
+                          most: int) -> list[tuple[str, bytes]]:
+    """The multipart parts named `field` as (file name, bytes), in upload order, at most `most` of them."""
     ctype, params = parse_options_header(request.headers.get("content-type", ""))
-    if ctype == b"application/json":
-        return await read_json_image(request, max_bytes, timeout_s, field)
     if ctype != b"multipart/form-data" or b"boundary" not in params:
-        raise UploadError(422, "missing_field", f"send the image as multipart/form-data in a field named '{field}', "
-                          f"or as JSON {{\"{field}\": \"<base64>\"}}")
-    image = ImageField(field)
+        raise UploadError(422, "missing_field", f"send the image as multipart/form-data in a field named '{field}'"
+                          + (f", or as JSON {{\"{field}\": \"<base64>\"}}" if most == 1 else ""))
+    files = FileParts(field, most)
     try:
-        parser = MultipartParser(params[b"boundary"], image.callbacks())
+        parser = MultipartParser(params[b"boundary"], files.callbacks())
     except (MultipartParseError, ValueError) as e:  # e.g. a boundary over 256 characters (RFC 2046's limit is 70)
         raise UploadError(422, "malformed_multipart", f"the multipart boundary is not usable ({e})") from None
 
@@ -97,9 +99,16 @@ async def read_image_field(request: Request, max_bytes: int, timeout_s: float, f
             raise UploadError(422, "malformed_multipart", f"the multipart body could not be parsed ({e})") from None
 
     await read_body(request, max_bytes, timeout_s, write)
-    if not image.count:
+    if not files.parts:
         raise UploadError(422, "missing_field", f"no '{field}' field in the form; send the image as '{field}'")
-    return bytes(image.data)
+    return [(name, bytes(data)) for name, data in files.parts]
+
+
+async def read_image_field(request: Request, max_bytes: int, timeout_s: float, field: str = "image") -> bytes:
+    """The image bytes of a multipart form's one `field`, or of a JSON body {"image": "<base64>"}."""
+    if parse_options_header(request.headers.get("content-type", ""))[0] == b"application/json":
+        return await read_json_image(request, max_bytes, timeout_s, field)
+    return (await read_file_parts(request, max_bytes, timeout_s, field, most=1))[0][1]
 
 
 async def read_json_image(request: Request, max_bytes: int, timeout_s: float, field: str = "image") -> bytes:

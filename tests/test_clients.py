@@ -13,7 +13,9 @@ from PIL import Image
 
 from models.checkpoint import load_checkpoint
 from models.processing import logits_to_mask, logits_to_mask_and_confidence, preprocess
+from service.metrics import REGISTRY
 
+from .conftest import CAMVID
 from .live import start_service
 from .test_hardening import raw_request
 from .test_service import IMAGE, checkpoint, make_client, post  # noqa: F401
@@ -162,3 +164,33 @@ def test_json_input_counts_the_byte_cap_before_base64_decoding(checkpoint):  # n
         assert len(png) < encoded_size - 10  # the image alone would fit; its JSON does not
         r = c.post("/segment", json={"image": base64.b64encode(png).decode()})
         assert (r.status_code, r.json()["code"]) == (413, "too_large")
+
+
+def test_a_batch_of_frames_answers_each_in_order_and_a_bad_frame_fails_alone(checkpoint):  # noqa: F811
+    frames = sorted((CAMVID / "images").iterdir())
+    png = frames[0].read_bytes()
+    files = [("images", (f.name, f.read_bytes())) for f in frames[:3]]
+    files.insert(1, ("images", ("broken.png", png[: len(png) // 2])))
+    files.append(("images", ("notes.txt", b"not an image")))
+    with make_client(checkpoint, backend="torch", max_batch_size=8, max_batch_wait_ms=200) as c:
+        before = REGISTRY.get_sample_value("segment_batch_size_count") or 0
+        r = c.post("/segment/batch", files=files, params={"confidence": "true"}, headers={"X-Request-ID": "b-1"})
+        forwards = (REGISTRY.get_sample_value("segment_batch_size_count") or 0) - before
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["request_id"] == "b-1"
+        names = [x["filename"] for x in body["results"]]
+        assert names == [frames[0].name, "broken.png", frames[1].name, frames[2].name, "notes.txt"]
+        assert body["results"][1]["error"]["code"] == "corrupt_image"
+        assert body["results"][4]["error"]["code"] == "unsupported_media_type"
+        for frame, item in zip([frames[0], frames[1], frames[2]], [body["results"][i] for i in (0, 2, 3)],
+                               strict=True):
+            alone = c.post("/segment", files={"image": ("x.png", frame.read_bytes())}).json()
+            assert item["mask"] == alone["mask"] and "confidence" in item and "confidence" not in alone
+            assert sum(k["pixels"] for k in item["classes"]) == item["width"] * item["height"]
+        assert forwards < 3  # the good frames shared forward passes
+        too_many = [("images", (f"f{i}.png", png)) for i in range(17)]
+        r = c.post("/segment/batch", files=too_many)
+        assert (r.status_code, r.json()["code"]) == (413, "too_many_files")
+        r = c.post("/segment/batch", files={"image": ("x.png", png)})
+        assert (r.status_code, r.json()["code"]) == (422, "missing_field")

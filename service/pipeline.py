@@ -1,0 +1,87 @@
+"""One image's way through the service, for the routes: decode and queue it, then wait for it and encode the
+answer's pictures. No HTTP here; the caller holds the request timeout."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from models.classes import ClassSet
+
+from .batcher import Batcher, Job
+from .decode import LARGE_PIXELS, Decoded, decode_upload, header_pixels
+from .predictor import Prediction, Predictor, grey_png, mask_png, overlay_jpeg
+from .schemas import Timings, ms
+from .settings import Settings
+
+
+@dataclass
+class Options:
+    overlay: bool = False
+    confidence: bool = False
+
+
+@dataclass
+class Queued:
+    upload: Decoded
+    job: Job
+    lane: Executor
+    started: float  # when this image's work began (its upload read, for a single image)
+
+
+@dataclass
+class Segmented:
+    width: int
+    height: int
+    result: Prediction
+    png: bytes
+    overlay: bytes | None
+    confidence: bytes | None
+    timings: Timings
+
+
+async def decode_and_queue(data: bytes, started: float, settings: Settings, predictor: Predictor, batcher: Batcher,
+                           codec: Executor, large: Executor, options: Options) -> Queued:
+    """Decode and preprocess on the codec threads (an upload over LARGE_PIXELS on the large lane, so it never
+    queues ahead of small ones), then queue it for the model. Raises UploadError, QueueFull."""
+    lane = large if header_pixels(data) > LARGE_PIXELS else codec
+    upload, tensor = await asyncio.get_running_loop().run_in_executor(
+        lane, decode_and_preprocess, data, settings, predictor, options.overlay)
+    width, height = upload.size
+    job = batcher.enqueue(tensor, (height, width), None if lane is codec else lane, options.confidence)
+    return Queued(upload, job, lane, started)
+
+
+async def wait_and_encode(queued: Queued, predictor: Predictor, settings: Settings, options: Options) -> Segmented:
+    t1 = time.perf_counter()
+    job = queued.job
+    result = await job.future
+    t2 = time.perf_counter()
+    png, over, conf = await asyncio.get_running_loop().run_in_executor(
+        queued.lane, encode, queued.upload.full, result, predictor.meta.classes, options.overlay,
+        settings.overlay_alpha)
+    t3 = time.perf_counter()
+    timings = Timings(decode=ms(t1 - queued.started), queue=ms(job.started - job.enqueued),
+                      inference=ms(t2 - job.started), encode=ms(t3 - t2))
+    return Segmented(*queued.upload.size, result, png, over, conf, timings)
+
+
+def decode_and_preprocess(data: bytes, settings: Settings, predictor: Predictor,
+                          overlay: bool) -> tuple[Decoded, torch.Tensor]:
+    """The upload decoded (shrunk for the network; kept whole too when an overlay is drawn on it) and preprocessed."""
+    upload = decode_upload(data, settings.max_pixels, settings.max_aspect_ratio, max(predictor.meta.input_size),
+                           keep_full=overlay)
+    return upload, predictor.preprocess(upload.image)
+
+
+def encode(image: Image.Image | None, result: Prediction, classes: ClassSet, overlay: bool,
+           alpha: float) -> tuple[bytes, bytes | None, bytes | None]:
+    """The palette PNG mask; the overlay JPEG and the confidence PNG when asked for."""
+    png = mask_png(result.mask, classes.palette())
+    over = overlay_jpeg(image, result.mask, classes.palette(), alpha) if overlay else None
+    return png, over, grey_png(result.confidence) if result.confidence is not None else None
