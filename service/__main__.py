@@ -32,7 +32,8 @@ def main() -> int:
     from .app import create_app
 
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=int(settings.request_timeout_s) + 5)
+                timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
+                access_log=settings.log_format == "text")  # json: the service writes its own access lines
     return 0
 
 

@@ -18,7 +18,7 @@ from models import __version__
 from .batcher import Batcher
 from .deps import State
 from .errors import install_error_handlers
-from .metrics import observe_requests
+from .metrics import observe_requests, use_json_access_log
 from .predictor import Predictor
 from .routes import document_upload, router
 from .settings import Settings
@@ -66,6 +66,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # docs page works on hosts without internet access.
     app = FastAPIOffline(title="CamVid segmentation", version=__version__, lifespan=lifespan, description=DESCRIPTION)
     app.state.segment = State(settings)
+    if settings.log_format == "json":
+        use_json_access_log()
     install_error_handlers(app)
     app.middleware("http")(observe_requests)
     if settings.cors_origins:  # added last: outermost, so preflight requests are answered before anything else

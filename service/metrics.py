@@ -1,7 +1,9 @@
 """Prometheus metrics (prometheus-client), scraped at GET /metrics, and the middleware that records requests."""
 
+import json
 import logging
 import re
+import sys
 import time
 import uuid
 
@@ -12,6 +14,24 @@ from starlette.routing import Mount
 from .errors import error_response
 
 log = logging.getLogger("service")
+access_log = logging.getLogger("service.access")  # has a handler only with SEGMENT_LOG_FORMAT=json
+
+
+class JsonLines(logging.Formatter):
+    """One JSON object per record: its time, its message and the fields passed as `extra={"fields": {...}}`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps({"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname.lower(),
+                           "message": record.getMessage(), **getattr(record, "fields", {})})
+
+
+def use_json_access_log() -> None:
+    if not access_log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(JsonLines())
+        access_log.addHandler(handler)
+    access_log.setLevel(logging.INFO)
+    access_log.propagate = False
 
 REGISTRY = CollectorRegistry()
 REQUESTS = Counter("segment_requests_total", "HTTP requests by route and status", ["route", "method", "status"],
@@ -51,6 +71,13 @@ async def observe_requests(request: Request, call_next):
     LATENCY.labels(path).observe(time.perf_counter() - t0)
     response.headers["X-Content-Type-Options"] = "nosniff"
     response.headers["X-Request-ID"] = request.state.request_id
+    if access_log.handlers:
+        state = request.app.state.segment
+        access_log.info("request", extra={"fields": {
+            "request_id": request.state.request_id, "method": method, "route": path, "status": response.status_code,
+            "bytes": int(response.headers.get("content-length", 0)), "ms": round((time.perf_counter() - t0) * 1000, 2),
+            "timings_ms": getattr(request.state, "timings", None),
+            "backend": state.predictor.backend.name if state.predictor else None}})
     return response
 
 

@@ -89,6 +89,7 @@ async def segment(request: Request, settings: SettingsDep, predictor: PredictorD
                 data = await read_image_field(request, settings.max_upload_bytes, settings.body_timeout_s)
                 queued = await decode_and_queue(data, t0, settings, predictor, batcher, codec, large, options)
             done = await wait_and_encode(queued, predictor, settings, options)
+            request.state.timings = done.timings.model_dump()  # for the access log
     except QueueFull:
         return overloaded(settings)
     except TimeoutError:

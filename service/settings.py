@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    log_format: Literal["text", "json"] = Field("text", description="json: one JSON access-log line per request on "
+                                                "stdout (request_id, route, status, bytes, timings, backend), "
+                                                "instead of uvicorn's text access log")
 
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod

@@ -2,9 +2,12 @@
 
 import base64
 import io
+import json
 import re
+import subprocess
 import time
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -194,3 +197,25 @@ def test_a_batch_of_frames_answers_each_in_order_and_a_bad_frame_fails_alone(che
         assert (r.status_code, r.json()["code"]) == (413, "too_many_files")
         r = c.post("/segment/batch", files={"image": ("x.png", png)})
         assert (r.status_code, r.json()["code"]) == (422, "missing_field")
+
+
+def test_json_access_logs_have_one_line_per_request_with_its_id(checkpoint):  # noqa: F811
+    proc, base, _ = start_service({
+        "SEGMENT_CHECKPOINT": str(checkpoint), "SEGMENT_DEVICE": "cpu", "SEGMENT_BACKEND": "torch",
+        "SEGMENT_WARMUP_PASSES": "1", "SEGMENT_LOG_FORMAT": "json"}, stdout=subprocess.PIPE, text=True)
+    try:
+        r = httpx.post(f"{base}/segment", files={"image": ("x.png", IMAGE.read_bytes())},
+                       headers={"X-Request-ID": "log-me-1"})
+        assert r.status_code == 200
+        assert httpx.get(f"{base}/nope").status_code == 404
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    lines = [json.loads(line) for line in proc.stdout.read().splitlines() if line.startswith("{")]
+    segment = next(x for x in lines if x["request_id"] == "log-me-1")
+    assert (segment["route"], segment["status"], segment["method"], segment["backend"]) == ("/segment", 200, "POST",
+                                                                                            "torch")
+    assert segment["bytes"] == len(r.content) and set(segment["timings_ms"]) == {"decode", "queue", "inference",
+                                                                                   "encode"}
+    assert any(x["route"] == "unmatched" and x["status"] == 404 for x in lines)
+    assert all(x["message"] == "request" for x in lines)
