@@ -1,10 +1,12 @@
 """What client apps rely on: API keys, CORS for browser apps on other origins, request IDs, confidence."""
 
 import base64
+import csv
 import io
 import json
 import re
 import subprocess
+import sys
 import time
 
 import httpx
@@ -16,6 +18,7 @@ from PIL import Image
 
 from models.checkpoint import load_checkpoint
 from models.processing import logits_to_mask, logits_to_mask_and_confidence, preprocess
+from service.client import SegmentClient, SegmentError
 from service.metrics import REGISTRY
 
 from .conftest import CAMVID
@@ -219,3 +222,43 @@ def test_json_access_logs_have_one_line_per_request_with_its_id(checkpoint):  # 
                                                                                    "encode"}
     assert any(x["route"] == "unmatched" and x["status"] == 404 for x in lines)
     assert all(x["message"] == "request" for x in lines)
+
+
+def test_the_client_cli_segments_a_folder_and_lists_the_file_it_could_not(checkpoint, tmp_path):  # noqa: F811
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    frames = sorted((CAMVID / "images").iterdir())[:4]
+    for f in frames:
+        (folder / f.name).write_bytes(f.read_bytes())
+    (folder / "zz_broken.png").write_bytes(frames[0].read_bytes()[:300])
+    proc, base, _ = start_service({
+        "SEGMENT_CHECKPOINT": str(checkpoint), "SEGMENT_DEVICE": "cpu", "SEGMENT_BACKEND": "torch",
+        "SEGMENT_WARMUP_PASSES": "1", "SEGMENT_LOG_LEVEL": "warning", "SEGMENT_API_KEYS": "k"})
+    try:
+        out = tmp_path / "out"
+        done = subprocess.run([sys.executable, "-m", "service.client", "--server", base, "--api-key", "k", "--out",
+                               str(out), "--batch", "2", "--concurrency", "2", "--confidence", "--quiet", str(folder)],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1, done.stderr  # one file failed
+        assert "failed:" in done.stderr and "zz_broken.png" in done.stderr and "corrupt_image" in done.stderr
+        assert "4 of 5 images segmented" in done.stderr
+        rows = list(csv.reader((out / "counts.csv").open()))
+        assert rows[0][:4] == ["file", "width", "height", "Sky"] and len(rows[0]) == 3 + 12
+        assert [r[0] for r in rows[1:]] == [f.name for f in frames]
+        client = SegmentClient(base, api_key="k")
+        for f, row in zip(frames, rows[1:], strict=True):
+            mask = np.array(Image.open(out / f"{f.stem}.png"))
+            assert mask.shape == (72, 96) and int(row[1]) * int(row[2]) == sum(map(int, row[3:]))
+            assert [int(x) for x in row[3:]] == np.bincount(mask.ravel(), minlength=12).tolist()
+            assert Image.open(out / f"{f.stem}_confidence.png").size == (96, 72)
+            alone = client.segment(f)
+            assert np.array_equal(alone.mask, mask) and alone.counts["Sky"] == int(row[3])
+        with pytest.raises(SegmentError, match="401 unauthorized"):
+            SegmentClient(base).segment(frames[0])
+        client.close()
+    finally:
+        proc.kill()
+    # the client is usable without torch: it imports nothing of the service or the model
+    probe = ("import sys, service.client; "
+             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'models')))")
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "[]"
