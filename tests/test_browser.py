@@ -118,3 +118,54 @@ def test_docs_page_runs_the_example_upload(server, page):
     sync_api.expect(status).to_have_text("200", timeout=60_000)
     body = op.locator(".live-responses-table .response-col_description pre").first.inner_text()
     assert '"width": 96' in body and '"height": 72' in body
+
+
+APP_PAGE = """<!doctype html><title>street app</title><script>
+async function segment(base, key) {
+  const png = await (await fetch("/frame.png")).blob();
+  const form = new FormData();
+  form.append("image", png, "frame.png");
+  try {
+    const r = await fetch(base + "/segment", {method: "POST", body: form,
+                                              headers: {"Authorization": "Bearer " + key, "X-Request-ID": "web-1"}});
+    const body = await r.json();
+    return {status: r.status, requestId: r.headers.get("X-Request-ID"), width: body.width,
+            echoed: body.request_id};
+  } catch (e) { return {error: String(e)}; }
+}
+</script>"""
+
+
+def test_a_browser_app_on_another_origin_can_call_only_when_its_origin_is_allowed(tmp_path, browser):
+    # a web app served from its own origin (a second local HTTP server), calling the service from the browser
+    import http.server
+    import threading
+
+    (tmp_path / "index.html").write_text(APP_PAGE)
+    (tmp_path / "frame.png").write_bytes(IMAGE.read_bytes())
+    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path))  # noqa: E731
+    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=site.serve_forever, daemon=True).start()
+    origin = f"http://127.0.0.1:{site.server_address[1]}"
+    checkpoint = str(ROOT / "models" / "camvid.safetensors")
+    try:
+        for allowed, expect_ok in ((origin, True), ("https://someone-else.example", False)):
+            proc, base, _ = start_service({
+                "SEGMENT_DEVICE": "cpu", "SEGMENT_BACKEND": "torch", "SEGMENT_WARMUP_PASSES": "1",
+                "SEGMENT_LOG_LEVEL": "warning", "SEGMENT_CHECKPOINT": checkpoint, "SEGMENT_API_KEYS": "web-key",
+                "SEGMENT_CORS_ORIGINS": allowed})
+            try:
+                page = browser.new_page()
+                page.goto(origin + "/index.html")
+                result = page.evaluate("([base, key]) => segment(base, key)", [base, "web-key"])
+                page.close()
+            finally:
+                proc.terminate()
+                proc.wait(30)
+            if expect_ok:
+                assert result["status"] == 200 and result["width"] == 96, result
+                assert result["requestId"] == result["echoed"] == "web-1"  # the header is exposed to the page
+            else:
+                assert "error" in result and "Failed to fetch" in result["error"], result  # the browser blocked it
+    finally:
+        site.shutdown()
