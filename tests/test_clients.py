@@ -262,3 +262,44 @@ def test_the_client_cli_segments_a_folder_and_lists_the_file_it_could_not(checkp
     probe = ("import sys, service.client; "
              "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'models')))")
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "[]"
+
+
+def test_the_client_waits_out_a_503_and_tries_again(checkpoint):  # noqa: F811
+    # A stand-in front end that answers 503 + Retry-After twice, then passes the request to the real service.
+    import http.server
+    import threading
+
+    proc, base, _ = start_service({
+        "SEGMENT_CHECKPOINT": str(checkpoint), "SEGMENT_DEVICE": "cpu", "SEGMENT_BACKEND": "torch",
+        "SEGMENT_WARMUP_PASSES": "1", "SEGMENT_LOG_LEVEL": "warning"})
+    seen = []
+
+    class Busy(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            seen.append(time.monotonic())
+            if len(seen) <= 2:
+                self.send_response(503)
+                self.send_header("Retry-After", "0.3")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            r = httpx.post(base + self.path, content=body, headers={"Content-Type": self.headers["Content-Type"]})
+            self.send_response(r.status_code)
+            self.send_header("Content-Type", r.headers["content-type"])
+            self.send_header("Content-Length", str(len(r.content)))
+            self.end_headers()
+            self.wfile.write(r.content)
+
+        def log_message(self, *args):
+            pass
+
+    front = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Busy)
+    threading.Thread(target=front.serve_forever, daemon=True).start()
+    try:
+        seg = SegmentClient(f"http://127.0.0.1:{front.server_address[1]}").segment(IMAGE)
+        assert seg.mask.shape == (72, 96) and sum(seg.counts.values()) == 96 * 72
+        assert len(seen) == 3 and seen[1] - seen[0] >= 0.25 and seen[2] - seen[1] >= 0.25  # Retry-After honoured
+    finally:
+        front.shutdown()
+        proc.kill()
