@@ -16,6 +16,7 @@ from fastapi.responses import HTMLResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .batcher import QueueFull
+from .decode import header_pixels
 from .deps import (
     BatcherDep,
     CodecDep,
@@ -117,7 +118,9 @@ async def segment_batch(request: Request, settings: SettingsDep, predictor: Pred
                 files = await read_file_parts(request, settings.max_upload_bytes, settings.body_timeout_s, "images",
                                               settings.max_batch_files)
                 queued = await asyncio.gather(*(decode_and_queue(data, t0, settings, predictor, batcher, codec,
-                                                                 large, options) for _, data in files),
+                                                                 large, options) if ok else refused(settings)
+                                                for (_, data), ok in zip(files, within_budget(files, settings),
+                                                                         strict=True)),
                                               return_exceptions=True)
 
             async def finish(q):  # a frame that failed to decode or queue keeps its error
@@ -130,6 +133,21 @@ async def segment_batch(request: Request, settings: SettingsDep, predictor: Pred
     return BatchResponse(request_id=rid, results=[
         item_error(name, d) if isinstance(d, Exception) else answer(d, predictor, rid, name)
         for (name, _), d in zip(files, done, strict=True)])
+
+
+def within_budget(files: list[tuple[str, bytes]], settings: Settings) -> list[bool]:
+    """Which frames fit the pixel cap, which a batch's frames share (read from their headers, in upload order): a
+    batch costs at most the memory of one image at the cap."""
+    total, fits = 0, []
+    for _, data in files:
+        total += header_pixels(data)
+        fits.append(total <= settings.max_pixels)
+    return fits
+
+
+async def refused(settings: Settings):
+    raise UploadError(413, "too_many_pixels", f"the frames up to this one hold more than {settings.max_pixels} pixels "
+                      "together, the limit for a batch; send the rest in another request")
 
 
 def answer(done: Segmented, predictor: Predictor, request_id: str, filename: str | None = None) -> SegmentResponse:

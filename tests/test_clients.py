@@ -303,3 +303,12 @@ def test_the_client_waits_out_a_503_and_tries_again(checkpoint):  # noqa: F811
     finally:
         front.shutdown()
         proc.kill()
+
+
+def test_a_batch_shares_one_pixel_budget(checkpoint):  # noqa: F811
+    png = IMAGE.read_bytes()  # 96x72 = 6912 pixels
+    with make_client(checkpoint, backend="torch", max_pixels=6912 * 2) as c:
+        r = c.post("/segment/batch", files=[("images", (f"f{i}.png", png)) for i in range(3)])
+        items = r.json()["results"]
+        assert [("error" in x) for x in items] == [False, False, True]
+        assert items[2]["error"]["code"] == "too_many_pixels" and "together" in items[2]["error"]["detail"]
