@@ -25,6 +25,8 @@ def test_metrics_match_a_hand_computation_with_void_excluded():
     assert math.isclose(m["mean_iou"], (3 / 5 + 2 / 5 + 2 / 3) / 3)
     assert math.isclose(m["per_class_accuracy"]["b"], 2 / 4)
     assert math.isclose(m["mean_class_accuracy"], (3 / 4 + 2 / 4 + 1) / 3)
+    # frequency-weighted IoU: truth has 4 a, 4 b, 2 c of 10 labelled pixels
+    assert math.isclose(m["frequency_weighted_iou"], 0.4 * 3 / 5 + 0.4 * 2 / 5 + 0.2 * 2 / 3)
 
 
 def test_absent_classes_do_not_count_in_mean_iou_and_updates_accumulate():

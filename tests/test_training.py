@@ -242,3 +242,27 @@ def test_a_bug_keeps_its_traceback_while_a_user_error_is_one_line(tmp_path, monk
     monkeypatch.undo()
     assert main(["train", "--data", str(CAMVID), "--out", str(tmp_path / "m.safetensors"), "--encoder", "nope"]) == 2
     assert capsys.readouterr().err.startswith("error: unknown encoder 'nope'")
+
+
+def test_evaluate_scores_a_labelled_test_only_folder_and_training_still_needs_train(tmp_path, capsys):
+    # CamVid's test split as the SegNet tutorial ships it: test/ and testannot/ only, no train or valid
+    from training.data import read_label
+
+    folder = tmp_path / "camvid-test"
+    (folder / "test").mkdir(parents=True)
+    (folder / "testannot").mkdir()
+    for image in sorted((CAMVID / "images").iterdir())[:2]:
+        (folder / "test" / image.name).write_bytes(image.read_bytes())
+        label = CAMVID / "labels" / f"{image.stem}_P.png"
+        Image.fromarray(read_label(label)).save(folder / "testannot" / image.name)
+    (folder / "codes.txt").write_text((CAMVID / "codes.txt").read_text())
+    shipped = Path(__file__).resolve().parents[1] / "models" / "camvid.safetensors"
+    assert main(["evaluate", "--data", str(folder), "--checkpoint", str(shipped), "--split", "test",
+                 "--workers", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("test: 2 images") and "frequency-weighted IoU" in out and "Pedestrian" in out
+    assert main(["evaluate", "--data", str(folder), "--checkpoint", str(shipped), "--split", "valid",
+                 "--workers", "0"]) == 2
+    assert "the valid split is empty; it has 2 test images" in capsys.readouterr().err
+    assert main(["train", "--data", str(folder), "--out", str(tmp_path / "m.safetensors")]) == 2
+    assert "the train split is empty; training needs images in both train and valid" in capsys.readouterr().err

@@ -44,7 +44,7 @@ def cmd_train(a: argparse.Namespace) -> None:
 def _score(a: argparse.Namespace, ckpt, device, input_size: tuple[int, int], show: bool) -> dict:
     """Metrics of `ckpt` on `a.split` of `a.data`, predicting at `input_size` and scoring at label size."""
     meta = ckpt.meta
-    folder = open_folder(a.data)
+    folder = open_folder(a.data, need=(a.split,))  # a labelled test-only folder can be scored
     if list(folder.classes.names) != list(meta.classes.names):
         raise DataError(f"{a.data}: classes {list(folder.classes.names)} differ from the checkpoint's "
                         f"{list(meta.classes.names)}")
@@ -71,7 +71,8 @@ def _print_metrics(m: dict) -> None:
     size = "x".join(map(str, m["input_size"]))
     print(f"{m['split']}: {m['images']} images at input {size}, {m['pixels']} labelled pixels (void excluded)")
     print(f"pixel accuracy {fmt(m['pixel_accuracy'])}   mean IoU {fmt(m['mean_iou'])}   "
-          f"mean class accuracy {fmt(m['mean_class_accuracy'])}")
+          f"mean class accuracy {fmt(m['mean_class_accuracy'])}   "
+          f"frequency-weighted IoU {fmt(m['frequency_weighted_iou'])}")
     print(f"{'class':<16}{'IoU':>8}{'acc':>8}")
     for name, iou in m["per_class_iou"].items():
         print(f"{name:<16}{fmt(iou):>8}{fmt(m['per_class_accuracy'][name]):>8}")

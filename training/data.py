@@ -156,15 +156,16 @@ def _segnet_splits(root: Path) -> dict[str, list[Pair]]:
     return splits
 
 
-def open_folder(root: Path, check: bool = True) -> CamVidFolder:
-    """Detect the layout, read the classes and check every pair (naming the file on any problem)."""
+def open_folder(root: Path, check: bool = True, need: tuple[str, ...] = ("train", "valid")) -> CamVidFolder:
+    """Detect the layout, read the classes and check every pair (naming the file on any problem). `need`: the
+    splits that must hold images (training needs train and valid; scoring one split needs only that one)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: no such data folder")
     if (root / "images").is_dir() and (root / "labels").is_dir():
         layout, splits = "fastai", _fastai_splits(root)
         names = read_codes(root / "codes.txt")
-    elif (root / "train").is_dir() and (root / "trainannot").is_dir():
+    elif any((root / images).is_dir() and (root / labels).is_dir() for images, labels in SEGNET_SPLITS.values()):
         layout, splits = "segnet", _segnet_splits(root)
         names = read_codes(root / "codes.txt") if (root / "codes.txt").is_file() else SEGNET_CODES
     else:
@@ -173,13 +174,18 @@ def open_folder(root: Path, check: bool = True) -> CamVidFolder:
     colors_file = root / "label_colors.txt"
     colors = read_label_colors(colors_file) if colors_file.is_file() else None
     classes = ClassSet.from_names(names, colors)
-    for split in ("train", "valid"):
-        if not splits.get(split):
-            raise DataError(f"{root}: the {split} split is empty; training needs images in both train and valid")
+    for split in need:
+        if split == "all" and not any(splits.values()) or split != "all" and not splits.get(split):
+            raise DataError(f"{root}: the {split} split is empty" + ("; training needs images in both train and "
+                            "valid" if set(need) == {"train", "valid"} else f"; it has {_sizes(splits)}"))
     folder = CamVidFolder(root, layout, classes, splits)
     if check:
         folder.pixel_counts = {s: _check_pairs(pairs, classes) for s, pairs in splits.items()}
     return folder
+
+
+def _sizes(splits: dict[str, list[Pair]]) -> str:
+    return ", ".join(f"{len(v)} {k} images" for k, v in splits.items()) or "no images"
 
 
 def read_image(path: Path) -> torch.Tensor:

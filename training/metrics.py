@@ -43,6 +43,9 @@ class ConfusionMatrix:
             "pixel_accuracy": tp.sum().item() / total if total else None,
             "mean_iou": sum(present) / len(present) if present else None,
             "mean_class_accuracy": sum(recalls) / len(recalls) if recalls else None,
+            # SegNet's and FCN's "f.w. IU": each class's IoU weighted by its share of the labelled pixels
+            "frequency_weighted_iou": sum(truth[c].item() / total * v for c, v in zip(classes, iou, strict=True)
+                                          if v is not None) if total else None,
             "per_class_iou": {names[c]: v for c, v in zip(classes, iou, strict=True)},
             "per_class_accuracy": {names[c]: v for c, v in zip(classes, acc, strict=True)},
             "pixels": int(total),
