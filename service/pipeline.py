@@ -46,10 +46,11 @@ class Segmented:
 
 
 async def decode_and_queue(data: bytes, started: float, settings: Settings, predictor: Predictor, batcher: Batcher,
-                           codec: Executor, large: Executor, options: Options) -> Queued:
+                           codec: Executor, large: Executor, options: Options, pixels: int | None = None) -> Queued:
     """Decode and preprocess on the codec threads (an upload over LARGE_PIXELS on the large lane, so it never
-    queues ahead of small ones), then queue it for the model. Raises UploadError, QueueFull."""
-    lane = large if header_pixels(data) > LARGE_PIXELS else codec
+    queues ahead of small ones), then queue it for the model. `pixels`: its header's pixel count, when the caller
+    has read it already. Raises UploadError, QueueFull."""
+    lane = large if (header_pixels(data) if pixels is None else pixels) > LARGE_PIXELS else codec
     upload, tensor = await asyncio.get_running_loop().run_in_executor(
         lane, decode_and_preprocess, data, settings, predictor, options.overlay)
     width, height = upload.size

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import itertools
 import json
 import re
 import time
@@ -117,10 +118,12 @@ async def segment_batch(request: Request, settings: SettingsDep, predictor: Pred
                 t0 = time.perf_counter()
                 files = await read_file_parts(request, settings.max_upload_bytes, settings.body_timeout_s, "images",
                                               settings.max_batch_files)
+                pixels = [header_pixels(data) for _, data in files]
                 queued = await asyncio.gather(*(decode_and_queue(data, t0, settings, predictor, batcher, codec,
-                                                                 large, options) if ok else refused(settings)
-                                                for (_, data), ok in zip(files, within_budget(files, settings),
-                                                                         strict=True)),
+                                                                 large, options, n) if ok else refused(settings)
+                                                for (_, data), n, ok in zip(files, pixels,
+                                                                            within_budget(pixels, settings),
+                                                                            strict=True)),
                                               return_exceptions=True)
 
             async def finish(q):  # a frame that failed to decode or queue keeps its error
@@ -135,14 +138,10 @@ async def segment_batch(request: Request, settings: SettingsDep, predictor: Pred
         for (name, _), d in zip(files, done, strict=True)])
 
 
-def within_budget(files: list[tuple[str, bytes]], settings: Settings) -> list[bool]:
-    """Which frames fit the pixel cap, which a batch's frames share (read from their headers, in upload order): a
-    batch costs at most the memory of one image at the cap."""
-    total, fits = 0, []
-    for _, data in files:
-        total += header_pixels(data)
-        fits.append(total <= settings.max_pixels)
-    return fits
+def within_budget(pixels: list[int], settings: Settings) -> list[bool]:
+    """Which frames fit the pixel cap, which a batch's frames share (their header sizes, in upload order): a batch
+    costs at most the memory of one image at the cap."""
+    return [total <= settings.max_pixels for total in itertools.accumulate(pixels)]
 
 
 async def refused(settings: Settings):
