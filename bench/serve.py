@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -65,20 +66,40 @@ def untrained_checkpoint(data: Path, size: tuple[int, int], path: Path) -> Path:
     return save_checkpoint(path, UNet(config), CheckpointMeta(config, classes, mean, std, size))
 
 
+def images_per_second(forward, x: torch.Tensor, seconds: float, callers: int = 1, sync=lambda: None) -> float:
+    """`callers` threads calling forward(x) back to back for `seconds`: images/s over all of them."""
+    forward(x)
+    sync()
+    done, stop = [0] * callers, time.perf_counter() + seconds
+
+    def loop(i: int) -> None:
+        while time.perf_counter() < stop:
+            forward(x)
+            done[i] += len(x)
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(callers)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    sync()
+    return sum(done) / (time.perf_counter() - t0)
+
+
 def bare_forward(p: Predictor, images: list[bytes], batch: int, seconds: float) -> dict:
-    """One backend alone: images/s at batch 1 and at the server's max batch; decode + single forward (ms)."""
+    """One backend alone: images/s at batch 1, at the server's max batch and, for a backend that runs several
+    forwards at once, with that many callers side by side (as the server runs it); decode + single forward (ms).
+    `limit` is the best of those throughputs."""
     sync = torch.cuda.synchronize if p.device.type == "cuda" else (lambda: None)
     x1 = p.preprocess(decode_image(images[0], 10**9))[None]
-    out = {}
-    for name, x in {"forward_b1": x1, f"forward_b{batch}": x1.repeat(batch, 1, 1, 1)}.items():
-        p.forward(x)
-        sync()
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            p.forward(x)
-            n += len(x)
-        sync()
-        out[name] = n / (time.perf_counter() - t0)  # images/s
+    out = {"forward_b1": images_per_second(p.forward, x1, seconds, sync=sync)}
+    if batch > 1:
+        out[f"forward_b{batch}"] = images_per_second(p.forward, x1.repeat(batch, 1, 1, 1), seconds, sync=sync)
+    if p.streams > 1:
+        out[f"forward_{p.streams}_streams"] = images_per_second(lambda x: p.forward(x, p.streams), x1, seconds,
+                                                               callers=p.streams)
+    out["limit"] = max(out.values())
     times = []
     for data in images[:20]:
         t0 = time.perf_counter()
@@ -90,15 +111,17 @@ def bare_forward(p: Predictor, images: list[bytes], batch: int, seconds: float) 
 
 
 def raw_forward(checkpoint: Path, images: list[bytes], batch: int, seconds: float = 5.0) -> dict:
-    """The limit: the fastest bare forward of the checkpoint among the backends installed here, on the device the
+    """The limit: the highest bare-forward throughput of the checkpoint among the backends installed here (each run
+    the ways the server can run it: one forward at a time, in batches, or as parallel streams), on the device the
     server picks; the result holds that backend's figures and every backend's batch-1 speed."""
     results = {}
     for name in BACKENDS:
         p = Predictor.load(checkpoint, "auto", backend=name)
         if p.backend.name == name:  # not installed, or did not pass its parity check: not a limit
             results[name] = bare_forward(p, images, batch, seconds)
-    best = max(results, key=lambda n: results[n][f"forward_b{batch}"])
-    return {**results[best], "backend": best, "by_backend": {n: round(r["forward_b1"], 2) for n, r in results.items()}}
+    best = max(results, key=lambda n: results[n]["limit"])
+    return {**results[best], "backend": best, "by_backend": {n: round(r["forward_b1"], 2) for n, r in results.items()},
+            "limit_by_backend": {n: round(r["limit"], 2) for n, r in results.items()}}
 
 
 async def load(url: str, images: list[bytes], concurrency: int, total: int) -> dict:
@@ -233,9 +256,8 @@ def main() -> None:
                 print(f"round {r + 1} {name} c{c}: {res['rps']:.2f} images/s", flush=True)
     raws.append(raw_forward(ckpt, images, args.batch))
     print(f"final raw: {raws[-1]}", flush=True)
-    limit_key = f"forward_b{args.batch}"
-    limit = statistics.median(x[limit_key] for x in raws)
-    bracket = [(raws[r][limit_key] + raws[r + 1][limit_key]) / 2 for r in range(args.rounds)]
+    limit = statistics.median(x["limit"] for x in raws)
+    bracket = [(raws[r]["limit"] + raws[r + 1]["limit"]) / 2 for r in range(args.rounds)]
 
     def ratios(name: str, c: int, other) -> list[float]:
         """Per round: server `name`'s throughput at concurrency c over other(round)."""
@@ -261,9 +283,16 @@ def main() -> None:
     b1 = statistics.median(x["forward_b1"] for x in raws)
     fastest = statistics.mode(x["backend"] for x in raws)
     by_backend = {n: statistics.median(x["by_backend"][n] for x in raws) for n in raws[0]["by_backend"]}
-    summary = (f"raw forward = the fastest bare forward installed, {fastest} (batch-1 images/s, median of {len(raws)} "
-               f"measurements: " + ", ".join(f"{n} {v:.2f}" for n, v in by_backend.items()) + f"): {b1:.2f} images/s "
-               f"at batch 1, {limit:.2f} at batch {args.batch}; decode + single forward {decode_forward:.0f} ms. Ours "
+    limits = {n: statistics.median(x["limit_by_backend"][n] for x in raws) for n in raws[0]["limit_by_backend"]}
+    streams = [k for k in raws[0] if k.endswith("_streams")]
+    summary = (f"raw forward = the fastest bare forward installed, {fastest} (median of {len(raws)} measurements; "
+               "batch-1 images/s: " + ", ".join(f"{n} {v:.2f}" for n, v in by_backend.items()) + "; best of batch 1"
+               + (f", batch {args.batch}" if args.batch > 1 else "") + " and parallel streams: "
+               + ", ".join(f"{n} {v:.2f}" for n, v in limits.items()) +
+               f"): {b1:.2f} images/s at batch 1" + "".join(
+                   f", {statistics.median(x[k] for x in raws if k in x):.2f} with {k.split('_')[1]} streams at once"
+                   for k in streams) +
+               f"; limit {limit:.2f}; decode + single forward {decode_forward:.0f} ms. Ours "
                "vs raw forward by round: " + "; ".join(
                    f"c{c} {listed(ratios('ours', c, lambda r: bracket[r]))}" for c in levels if c > 1) +
                f". p50 at concurrency {min(levels)}: {p50_c1 / decode_forward:.2f}× decode + single forward.")

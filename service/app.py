@@ -37,7 +37,7 @@ async def lifespan(app: FastAPI):
                                      thread_name_prefix="codec")
     state.large = ThreadPoolExecutor(1, thread_name_prefix="codec-large")
     predictor = await asyncio.to_thread(Predictor.load, settings.checkpoint, settings.device, settings.precision,
-                                        settings.backend, settings.cache_dir)
+                                        settings.backend, settings.cache_dir, settings.inference_streams)
     batch_size = settings.batch_size_for(predictor.device)
     seconds = await asyncio.to_thread(predictor.warmup, settings.warmup_passes, batch_size)
     state.predictor = predictor
@@ -51,8 +51,8 @@ async def lifespan(app: FastAPI):
                             post_executor=None if predictor.device.type == "cuda" else state.codec)
     state.batcher.start()
     state.ready = True
-    log.info("serving %s on %s with %s (%s, batches of up to %d), warm-up %.2fs", settings.checkpoint,
-             predictor.device, predictor.backend.name, predictor.precision, batch_size, seconds)
+    log.info("serving %s on %s with %s (%s, batches of up to %d, %d at once), warm-up %.2fs", settings.checkpoint,
+             predictor.device, predictor.backend.name, predictor.precision, batch_size, predictor.streams, seconds)
     yield
     state.ready = False
     await state.batcher.drain()

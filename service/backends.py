@@ -10,14 +10,22 @@ written is replaced by a temporary one. An ONNX backend serves only after its ma
 warm-up image (argmax on ≥ 99.9% of pixels). `auto` on a CPU times every backend that passed on that image and
 keeps the fastest (their order differs between CPUs: BENCHMARKS.md); on CUDA it is torch. Anything that fails
 (a runtime not installed, an export error, a parity miss) is logged in one line and the service runs on torch.
+
+Streams (ONNX backends on a CPU): a backend may run `streams` forwards at once. A forward that runs alone gets every
+core (lowest latency); forwards that overlap share the cores, cores // streams threads each, because one session
+on all cores gives fewer images per second than narrower forwards side by side (2 cores: 2 x 1 thread = 1.11x
+1 x 2 threads, BENCHMARKS.md). Torch has one intra-op pool per process and runs one forward at a time.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import queue
 import statistics
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,8 +47,19 @@ class ParityError(RuntimeError):
     """An ONNX backend's masks differ from torch's on the warm-up image."""
 
 
+def cpu_cores() -> int:
+    """The cores this process may run on (a container's CPU set, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def auto_streams(cores: int) -> int:
+    """SEGMENT_INFERENCE_STREAMS=0 on a CPU: one stream per core up to 4 (2 x 1 thread measured on 2 cores; beyond,
+    4 streams of cores // 4 threads, the split OpenVINO's throughput hint makes on most CPUs)."""
+    return max(1, min(cores, 4))
+
+
 class TorchBackend:
-    name = "torch"
+    name, streams = "torch", 1
 
     def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype):
         self.device, self.dtype, self.precision = device, dtype, str(dtype).removeprefix("torch.")
@@ -48,7 +67,7 @@ class TorchBackend:
         self.model = model.to(device=device, dtype=dtype, memory_format=torch.channels_last).eval()
 
     @torch.inference_mode()
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+    def __call__(self, batch: torch.Tensor, concurrent: int = 1) -> torch.Tensor:
         x = batch.to(self.device, non_blocking=True).to(self.dtype)
         return self.model(x.contiguous(memory_format=torch.channels_last))
 
@@ -56,22 +75,33 @@ class TorchBackend:
 class OnnxRuntimeBackend:
     name, precision, device = "onnxruntime", "float32", torch.device("cpu")
 
-    def __init__(self, path: Path, cache_dir: Path | None):
+    def __init__(self, path: Path, cache_dir: Path | None, streams: int = 1):
+        self.streams = streams
+        self.session = self._session(path, cpu_cores())  # a forward alone: every core
+        # Overlapping forwards share one narrower session (ONNX Runtime sessions take concurrent runs; with one
+        # thread each runs on its caller's thread).
+        self.shared = self._session(path, max(1, cpu_cores() // streams)) if streams > 1 else self.session
+
+    @staticmethod
+    def _session(path: Path, threads: int):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.session.run([OUTPUT], {INPUT: batch.contiguous().numpy()})[0])
+    def __call__(self, batch: torch.Tensor, concurrent: int = 1) -> torch.Tensor:
+        """concurrent: how many forwards run now, this one included (at most `streams`)."""
+        session = self.session if concurrent <= 1 else self.shared
+        return torch.from_numpy(session.run([OUTPUT], {INPUT: batch.contiguous().numpy()})[0])
 
 
 class OpenVinoBackend:
     name, precision, device = "openvino", "float32", torch.device("cpu")
 
-    def __init__(self, path: Path, cache_dir: Path | None):
+    def __init__(self, path: Path, cache_dir: Path | None, streams: int = 1):
         import openvino as ov
 
         # f32: on CPUs with AMX/AVX-512 bf16 OpenVINO would otherwise run in bf16 (2.4x faster here, but only 98.9%
@@ -79,10 +109,26 @@ class OpenVinoBackend:
         config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
         if cache_dir is not None:
             config["CACHE_DIR"] = str(cache_dir / "openvino")
-        self.request = ov.Core().compile_model(str(path), "CPU", config).create_infer_request()
+        core, self.streams = ov.Core(), streams
+        self.request = core.compile_model(str(path), "CPU", config).create_infer_request()  # a forward alone
+        # Overlapping forwards: a model compiled into `streams` CPU streams, one infer request per stream.
+        self.shared: queue.SimpleQueue = queue.SimpleQueue()
+        if streams > 1:
+            shared = core.compile_model(str(path), "CPU", {**config, "PERFORMANCE_HINT": "THROUGHPUT",
+                                                           "NUM_STREAMS": str(streams)})
+            for _ in range(streams):
+                self.shared.put(shared.create_infer_request())
 
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:  # one caller at a time (the inference thread)
-        return torch.from_numpy(self.request.infer({0: batch.contiguous().numpy()})[0])
+    def __call__(self, batch: torch.Tensor, concurrent: int = 1) -> torch.Tensor:
+        """concurrent: how many forwards run now, this one included; one caller at a time when it is 1."""
+        x = {0: batch.contiguous().numpy()}
+        if concurrent <= 1 or self.streams == 1:
+            return torch.from_numpy(self.request.infer(x)[0])
+        request = self.shared.get()
+        try:
+            return torch.from_numpy(request.infer(x)[0])  # infer() copies outputs out (share_outputs=False)
+        finally:
+            self.shared.put(request)
 
 
 BUILDERS = {"onnxruntime": OnnxRuntimeBackend, "openvino": OpenVinoBackend}
@@ -142,19 +188,28 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float().argmax(1).cpu() == b.float().argmax(1).cpu()).float().mean().item()
 
 
-def ms_per_call(backend: Backend, x: torch.Tensor, calls: int = 5) -> float:
-    backend(x)
-    times = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        backend(x)
-        times.append(time.perf_counter() - t0)
+def ms_per_image(backend: Backend, x: torch.Tensor, calls: int = 5) -> float:
+    """Wall time per image as the service runs the backend under load: `streams` callers side by side (one for
+    torch), `calls` forwards each after a warm-up; the median of their rounds."""
+    n = backend.streams
+
+    def run() -> None:
+        backend(x, n)
+
+    with ThreadPoolExecutor(n) as pool:
+        list(pool.map(lambda _: run(), range(n)))  # warm-up: every stream once
+        times = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            list(pool.map(lambda _: run(), range(n)))
+            times.append((time.perf_counter() - t0) / n)
     return statistics.median(times) * 1000
 
 
 def select_backend(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, choice: str,
-                   cache_dir: Path | None) -> Selection:
-    """The backend SEGMENT_BACKEND asks for, if it works and agrees with torch; torch otherwise."""
+                   cache_dir: Path | None, streams: int = 0) -> Selection:
+    """The backend SEGMENT_BACKEND asks for, if it works and agrees with torch; torch otherwise. streams: how many
+    forwards an ONNX backend may run at once (0: auto_streams)."""
     torch_backend = TorchBackend(checkpoint.model, device, dtype)
     if choice == "torch" or (choice == "auto" and device.type == "cuda"):
         return Selection(torch_backend)
@@ -170,7 +225,7 @@ def select_backend(checkpoint: Checkpoint, device: torch.device, dtype: torch.dt
         try:
             if path is None:
                 path, cache_dir = cached_onnx(checkpoint, cache_dir)
-            backend = BUILDERS[name](path, cache_dir)
+            backend = BUILDERS[name](path, cache_dir, streams or auto_streams(cpu_cores()))
             agree = agreement(backend(x), reference)
             if agree < PARITY:
                 raise ParityError(f"its masks agree with torch on {agree:.4%} of the warm-up pixels (< {PARITY:.1%})")
@@ -183,8 +238,9 @@ def select_backend(checkpoint: Checkpoint, device: torch.device, dtype: torch.dt
             log.warning(notes[-1])
     if choice != "auto":
         return Selection(passed[-1], notes)
-    speeds = {b.name: ms_per_call(b, x) for b in passed}
-    notes.append("start-up timing, ms per image: " + ", ".join(f"{n} {v:.1f}" for n, v in speeds.items()))
+    speeds = {b.name: ms_per_image(b, x) for b in passed}
+    notes.append("start-up timing, ms per image: " + ", ".join(f"{n} {v:.1f}" for n, v in speeds.items()) +
+                 f" (each with its streams at once: {', '.join(f'{b.name} {b.streams}' for b in passed)})")
     best = min(passed, key=lambda b: speeds[b.name])
     log.info("backend %s (%s)", best.name, notes[-1])
     return Selection(best, notes)

@@ -1,4 +1,5 @@
-"""The queue that turns concurrent requests into batches for the one worker that owns the device."""
+"""The queue that turns concurrent requests into batches for the workers that run the network: one on CUDA and
+with torch, `streams` on a CPU ONNX backend (each forward then runs beside the others, on its share of the cores)."""
 
 from __future__ import annotations
 
@@ -39,14 +40,16 @@ class Batcher:
         self.predictor, self.post_executor = predictor, post_executor
         self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000
         self.queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=queue_size)
-        # One thread owns the device: forward passes never overlap and never block the event loop.
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
-        self.task: asyncio.Task | None = None
+        # One thread per stream: at most `streams` forwards overlap, and none blocks the event loop.
+        self.streams = predictor.streams
+        self.executor = ThreadPoolExecutor(max_workers=self.streams, thread_name_prefix="inference")
+        self.tasks: list[asyncio.Task] = []
+        self.running = 0  # forwards in progress
         self.incoming = 0  # requests being uploaded or decoded: they will join the queue soon
         self._pending: set[asyncio.Task] = set()  # postprocess tasks in flight (post_executor only)
 
     def start(self) -> None:
-        self.task = asyncio.create_task(self._run(), name="batcher")
+        self.tasks = [asyncio.create_task(self._run(), name=f"batcher-{i}") for i in range(self.streams)]
 
     @contextmanager
     def arriving(self) -> Iterator[None]:
@@ -102,15 +105,18 @@ class Batcher:
             t0 = time.perf_counter()
             for j in jobs:
                 j.started = t0
+            self.running += 1
             try:
                 if self.post_executor is None:  # forward and postprocess in one go on the worker
                     results = await loop.run_in_executor(self.executor, self.predictor.predict, batch,
                                                          [j.size for j in jobs], [j.confidence for j in jobs])
                 else:
-                    logits = await loop.run_in_executor(self.executor, self.predictor.forward, batch)
+                    logits = await loop.run_in_executor(self.executor, self.predictor.forward, batch, self.running)
             except Exception as e:  # a failed forward must fail its requests, not kill the worker
                 self._fail(jobs, e)
                 continue
+            finally:
+                self.running -= 1
             INFERENCE_SECONDS.observe(time.perf_counter() - t0)
             BATCH_SIZE.observe(len(jobs))
             if self.post_executor is None:
@@ -142,10 +148,12 @@ class Batcher:
 
     async def drain(self) -> None:
         """Let every accepted request finish, then stop the worker (graceful shutdown)."""
-        while not self.queue.empty() and self.task is not None and not self.task.done():
+        while not self.queue.empty() and any(not t.done() for t in self.tasks):
             await asyncio.sleep(0.01)
-        if self.task is not None:
-            self.task.cancel()
+        while self.running:  # forwards already on the device finish and hand their results over
+            await asyncio.sleep(0.01)
+        for t in self.tasks:
+            t.cancel()
         if self._pending:
             await asyncio.gather(*self._pending, return_exceptions=True)
         while not self.queue.empty():  # only when the worker died: fail what it left, never hang

@@ -41,8 +41,8 @@ def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 
 class Predictor:
-    """Owns the network on its device, through one backend (backends.py). forward() is called by one worker thread
-    only; preprocess() and postprocess() from any."""
+    """Owns the network on its device, through one backend (backends.py). forward() is called by at most
+    `streams` worker threads at once; preprocess() and postprocess() from any."""
 
     def __init__(self, checkpoint: Checkpoint, selection: Selection):
         self.checkpoint, self.meta = checkpoint, checkpoint.meta
@@ -51,14 +51,19 @@ class Predictor:
 
     @classmethod
     def load(cls, path: Path, device: str = "auto", precision: str = "auto", backend: str = "torch",
-             cache_dir: Path | None = None) -> Predictor:
+             cache_dir: Path | None = None, streams: int = 0) -> Predictor:
         dev = pick_device(device)
         checkpoint = load_checkpoint(path, "cpu")
-        return cls(checkpoint, select_backend(checkpoint, dev, pick_dtype(precision, dev), backend, cache_dir))
+        return cls(checkpoint, select_backend(checkpoint, dev, pick_dtype(precision, dev), backend, cache_dir,
+                                              streams))
 
     @property
     def precision(self) -> str:
         return self.backend.precision
+
+    @property
+    def streams(self) -> int:
+        return self.backend.streams
 
     @property
     def num_classes(self) -> int:
@@ -69,9 +74,10 @@ class Predictor:
         x = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # (3, H, W) uint8
         return preprocess(x, self.meta.input_size, self.meta.mean, self.meta.std)
 
-    def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        """batch: (B, 3, h, w) preprocessed → (B, C, h, w) logits on the device. One worker thread only."""
-        return self.backend(batch)
+    def forward(self, batch: torch.Tensor, concurrent: int = 1) -> torch.Tensor:
+        """batch: (B, 3, h, w) preprocessed → (B, C, h, w) logits on the device. concurrent: how many forwards run
+        at this moment, this one included (≤ streams)."""
+        return self.backend(batch, concurrent)
 
     @torch.inference_mode()
     def postprocess(self, logits: torch.Tensor, size: tuple[int, int], confidence: bool = False) -> Prediction:

@@ -178,7 +178,7 @@ def overloaded(settings: Settings) -> Response:
 @router.get("/model", response_model=ModelInfo)
 async def model(predictor: PredictorDep):
     return model_info(predictor.checkpoint, str(predictor.device), predictor.backend.name, predictor.precision,
-                      predictor.backend_notes)
+                      predictor.backend_notes, predictor.streams)
 
 
 @router.get("/", include_in_schema=False)

@@ -85,6 +85,8 @@ class ModelInfo(BaseModel):
     device: str
     backend: str = Field(description="what runs the network: torch, onnxruntime or openvino (SEGMENT_BACKEND)")
     precision: str
+    streams: int = Field(description="forwards that may run at once, each on its share of the CPU cores "
+                         "(SEGMENT_INFERENCE_STREAMS); 1 on CUDA and with torch")
     backend_notes: list[str] = Field(description="how the backend was chosen at start-up: runtimes tried, why one "
                                      "was not used, each one's measured speed")
     created: str
@@ -128,14 +130,16 @@ def segment_response(width: int, height: int, mask_png: bytes, result: Predictio
                            request_id=request_id, **extra)
 
 
-def model_info(checkpoint: Checkpoint, device: str, backend: str, precision: str, notes: list[str]) -> ModelInfo:
+def model_info(checkpoint: Checkpoint, device: str, backend: str, precision: str, notes: list[str],
+               streams: int = 1) -> ModelInfo:
     m, classes = checkpoint.meta, checkpoint.meta.classes
     return ModelInfo(
         name=checkpoint.path.name, sha256=checkpoint.sha256, encoder=m.model.encoder, architecture=m.model.arch,
         input_size=list(m.input_size),
         classes=[ClassInfo(index=i, name=n, color=hexcolor(c), void=i == classes.void_index)
                  for i, (n, c) in enumerate(zip(classes.names, classes.colors, strict=True))],
-        metrics=m.metrics, device=device, backend=backend, precision=precision, backend_notes=notes, created=m.created,
+        metrics=m.metrics, device=device, backend=backend, precision=precision, streams=streams, backend_notes=notes,
+        created=m.created,
         package_version=m.package_version)
 
 

@@ -28,6 +28,10 @@ class Settings(BaseSettings):
                             "and OpenVINO, timed at start-up among those whose masks match torch's")
     cache_dir: Path | None = Field(DEFAULT_CACHE, description="where the ONNX export of the checkpoint is kept "
                                    "between starts (a temporary folder when it cannot be written)")
+    inference_streams: int = Field(
+        0, ge=0, le=64, description="forwards run at once on a CPU with onnxruntime or openvino, each on cores / "
+                                    "streams threads (a lone request still gets every core); 0: one per core, up to 4. "
+                                    "torch and CUDA run one at a time")
     max_batch_size: int = Field(0, ge=0, le=256, description="most images in one forward pass; 0: 16 on CUDA, 1 "
                                 "on CPU (CPU convolutions run slower per image in bigger batches)")
     max_batch_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits for more requests, "

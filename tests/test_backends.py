@@ -6,9 +6,11 @@ import json
 import subprocess
 import sys
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -53,13 +55,46 @@ def test_onnx_backends_serve_the_masks_torch_serves(checkpoint, tmp_path, name):
     assert (tmp_path / onnx_cache_name(load_checkpoint(checkpoint))).is_file()
 
 
+@pytest.mark.parametrize("name", ["onnxruntime", "openvino"])
+def test_streams_overlap_forwards_and_give_the_logits_of_a_lone_forward(checkpoint, tmp_path, name):  # noqa: F811
+    p = Predictor.load(checkpoint, "cpu", backend=name, cache_dir=tmp_path, streams=2)
+    assert (p.backend.name, p.streams) == (name, 2)
+    frames = [p.preprocess(Image.open(f).convert("RGB"))[None] for f in FRAMES]
+    alone = [p.forward(x) for x in frames]  # every core, one at a time
+    with ThreadPoolExecutor(2) as pool:  # two at once, on the narrower shared session / streams
+        together = list(pool.map(lambda x: p.forward(x, concurrent=2), frames * 2))
+    for a, b in zip(alone * 2, together, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+        assert backends.agreement(a, b) == 1.0
+
+
+def test_the_service_runs_streams_side_by_side_under_load(checkpoint, tmp_path):  # noqa: F811
+    reference = {}
+    with TestClient(create_app(Settings(checkpoint=checkpoint, device="cpu", backend="torch", cache_dir=tmp_path,
+                                        warmup_passes=0))) as client:
+        assert client.get("/model").json()["streams"] == 1
+        for f in FRAMES:
+            reference[f.name] = served_mask(client, f.read_bytes())[0]
+    settings = Settings(checkpoint=checkpoint, device="cpu", backend="onnxruntime", cache_dir=tmp_path,
+                        inference_streams=2, warmup_passes=0)
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/model").json()["streams"] == 2
+        with ThreadPoolExecutor(6) as pool:
+            served = list(pool.map(lambda f: (f.name, served_mask(client, f.read_bytes())[0]), FRAMES * 4))
+    pixels = sum(m.size for _, m in served)
+    assert sum(int((m == reference[n]).sum()) for n, m in served) / pixels >= 0.999
+
+
 def test_auto_on_a_cpu_times_every_backend_and_keeps_the_fastest(checkpoint, tmp_path):  # noqa: F811
     p = Predictor.load(checkpoint, "cpu", backend="auto", cache_dir=tmp_path)
     timing = p.backend_notes[-1]
     assert timing.startswith("start-up timing, ms per image: torch ")
-    speeds = {k: float(v) for k, v in (x.split() for x in timing.split(": ")[1].split(", "))}
+    measured, streams = timing.split(": ", 1)[1].split(" (each with its streams at once: ")
+    speeds = {k: float(v) for k, v in (x.split() for x in measured.split(", "))}
     assert set(speeds) == {"torch", "onnxruntime", "openvino"}
     assert p.backend.name == min(speeds, key=speeds.get)
+    cores = backends.cpu_cores()
+    assert streams.rstrip(")") == f"torch 1, onnxruntime {min(cores, 4)}, openvino {min(cores, 4)}"
 
 
 def test_the_export_is_cached_by_checkpoint_and_versions_and_a_bad_entry_is_rewritten(checkpoint, tmp_path):  # noqa: F811

@@ -277,7 +277,8 @@ def test_a_lone_request_does_not_wait_for_a_batch(checkpoint):
 
 def test_full_queue_answers_503_with_retry_after_and_a_stalled_request_504(checkpoint):
     with make_client(checkpoint, queue_size=1, request_timeout_s=1.0) as c:
-        c.app.state.segment.batcher.task.cancel()  # the device stalls: nothing leaves the queue
+        for t in c.app.state.segment.batcher.tasks:
+            t.cancel()  # the device stalls: nothing leaves the queue
         png = IMAGE.read_bytes()
         first = {}
         t = threading.Thread(target=lambda: first.setdefault("r", post(c, png)))
