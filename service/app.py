@@ -22,6 +22,7 @@ from .metrics import observe_requests, use_json_access_log
 from .predictor import Predictor
 from .routes import document_upload, router
 from .settings import Settings
+from .shutdown import drain_on_sigterm
 
 log = logging.getLogger("service")
 
@@ -51,9 +52,11 @@ async def lifespan(app: FastAPI):
                             post_executor=None if predictor.device.type == "cuda" else state.codec)
     state.batcher.start()
     state.ready = True
+    restore_sigterm = drain_on_sigterm(state, settings.shutdown_delay_s)
     log.info("serving %s on %s with %s (%s, batches of up to %d, %d at once), warm-up %.2fs", settings.checkpoint,
              predictor.device, predictor.backend.name, predictor.precision, batch_size, predictor.streams, seconds)
     yield
+    restore_sigterm()
     state.ready = False
     await state.batcher.drain()
     state.codec.shutdown(wait=True)

@@ -26,6 +26,7 @@ class State:
         self.large: ThreadPoolExecutor | None = None  # the same for large uploads, one at a time: they never queue
         # ahead of small ones
         self.ready = False
+        self.draining = False  # SIGTERM came: /ready answers 503 while requests are still served (shutdown.py)
 
 
 async def get_state(request: Request) -> State:

@@ -193,6 +193,8 @@ async def health():
 
 @router.get("/ready", responses={503: {"model": ErrorBody}})
 async def ready(state: StateDep):
+    if state.draining:  # out of rotation first; requests already routed here are still served
+        return error_response(503, "draining", "the service is shutting down; send requests to another replica")
     if not state.ready:
         return error_response(503, "not_ready", "the model is still loading")
     return {"status": "ready"}

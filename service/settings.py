@@ -47,6 +47,11 @@ class Settings(BaseSettings):
                                      "and inference included; beyond it 504")
     body_timeout_s: float = Field(20.0, gt=0, description="the longest a request body may take to arrive; beyond "
                                   "it 408 (a client trickling bytes cannot hold a slot)")
+    shutdown_delay_s: float = Field(
+        0.0, ge=0, le=300, description="on SIGTERM, how long /ready answers 503 while requests are still accepted "
+                                       "and served, before the server stops accepting: set it above your load "
+                                       "balancer's health-check interval x fall count so the replica leaves "
+                                       "rotation first (Kubernetes: the preStop pause does this job)")
     warmup_passes: int = Field(2, ge=0, description="forward passes run at start-up before /ready")
     codec_threads: int = Field(
         0, ge=0, description="threads decoding uploads and encoding masks (and, on a CPU, turning logits into "
