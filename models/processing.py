@@ -2,16 +2,18 @@
 the service and the tests:
 
 - `preprocess`: a uint8 image → the normalised network input at the checkpoint's input size;
-- `logits_to_mask`: logits → a class-index mask at the image's own size (bilinear, void never predicted).
+- `logits_to_mask`: logits → a class-index mask at the image's own size (bilinear, void never predicted);
+- `flip_averaged` / `FlipAveraged`: test-time augmentation, the logits of the image and of its mirror image.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
+from torch import nn
 
 
 def preprocess(image: torch.Tensor, size: tuple[int, int], mean, std) -> torch.Tensor:
@@ -20,6 +22,23 @@ def preprocess(image: torch.Tensor, size: tuple[int, int], mean, std) -> torch.T
     if tuple(image.shape[-2:]) != tuple(size):
         image = TF.resize(image, list(size), antialias=True)
     return TF.normalize(image.float() / 255.0, list(mean), list(std), inplace=True)
+
+
+def flip_averaged(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Horizontal-flip test-time augmentation: the mean of the logits of (B, 3, h, w) `x` and of its mirror image,
+    flipped back (street scenes are left-right symmetric in distribution; CamVid's training flips them too)."""
+    return (forward(x) + forward(x.flip(-1)).flip(-1)) / 2
+
+
+class FlipAveraged(nn.Module):
+    """A segmentation network under flip_averaged (for evaluate --tta flip)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return flip_averaged(self.model, x)
 
 
 def argmax_channels(x: torch.Tensor, skip: int | None = None) -> torch.Tensor:

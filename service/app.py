@@ -38,7 +38,8 @@ async def lifespan(app: FastAPI):
                                      thread_name_prefix="codec")
     state.large = ThreadPoolExecutor(1, thread_name_prefix="codec-large")
     predictor = await asyncio.to_thread(Predictor.load, settings.checkpoint, settings.device, settings.precision,
-                                        settings.backend, settings.cache_dir, settings.inference_streams)
+                                        settings.backend, settings.cache_dir, settings.inference_streams,
+                                        settings.tta)
     batch_size = settings.batch_size_for(predictor.device)
     seconds = await asyncio.to_thread(predictor.warmup, settings.warmup_passes, batch_size)
     state.predictor = predictor

@@ -13,7 +13,7 @@ from PIL import Image
 
 from models.checkpoint import Checkpoint, load_checkpoint
 from models.errors import ConfigError
-from models.processing import logits_to_mask, logits_to_mask_and_confidence, preprocess
+from models.processing import flip_averaged, logits_to_mask, logits_to_mask_and_confidence, preprocess
 
 from .backends import Selection, select_backend
 
@@ -44,18 +44,18 @@ class Predictor:
     """Owns the network on its device, through one backend (backends.py). forward() is called by at most
     `streams` worker threads at once; preprocess() and postprocess() from any."""
 
-    def __init__(self, checkpoint: Checkpoint, selection: Selection):
-        self.checkpoint, self.meta = checkpoint, checkpoint.meta
+    def __init__(self, checkpoint: Checkpoint, selection: Selection, tta: str = "none"):
+        self.checkpoint, self.meta, self.tta = checkpoint, checkpoint.meta, tta
         self.backend, self.backend_notes = selection.backend, selection.notes
         self.device = self.backend.device
 
     @classmethod
     def load(cls, path: Path, device: str = "auto", precision: str = "auto", backend: str = "torch",
-             cache_dir: Path | None = None, streams: int = 0) -> Predictor:
+             cache_dir: Path | None = None, streams: int = 0, tta: str = "none") -> Predictor:
         dev = pick_device(device)
         checkpoint = load_checkpoint(path, "cpu")
         return cls(checkpoint, select_backend(checkpoint, dev, pick_dtype(precision, dev), backend, cache_dir,
-                                              streams))
+                                              streams), tta)
 
     @property
     def precision(self) -> str:
@@ -76,7 +76,10 @@ class Predictor:
 
     def forward(self, batch: torch.Tensor, concurrent: int = 1) -> torch.Tensor:
         """batch: (B, 3, h, w) preprocessed → (B, C, h, w) logits on the device. concurrent: how many forwards run
-        at this moment, this one included (≤ streams)."""
+        at this moment, this one included (≤ streams). With tta "flip", the mean of the logits of the batch and of
+        its mirror image (flipped back)."""
+        if self.tta == "flip":
+            return flip_averaged(lambda x: self.backend(x, concurrent), batch)
         return self.backend(batch, concurrent)
 
     @torch.inference_mode()

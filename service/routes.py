@@ -150,7 +150,7 @@ async def refused(settings: Settings):
 
 
 def answer(done: Segmented, predictor: Predictor, request_id: str, filename: str | None = None) -> SegmentResponse:
-    ref = model_ref(predictor.checkpoint, predictor.backend.name, predictor.precision)
+    ref = model_ref(predictor.checkpoint, predictor.backend.name, predictor.precision, predictor.tta)
     return segment_response(done.width, done.height, done.png, done.result, predictor.meta.classes, ref,
                             done.timings, request_id, done.overlay, done.confidence, filename)
 
@@ -178,7 +178,7 @@ def overloaded(settings: Settings) -> Response:
 @router.get("/model", response_model=ModelInfo)
 async def model(predictor: PredictorDep):
     return model_info(predictor.checkpoint, str(predictor.device), predictor.backend.name, predictor.precision,
-                      predictor.backend_notes, predictor.streams)
+                      predictor.backend_notes, predictor.streams, predictor.tta)
 
 
 @router.get("/", include_in_schema=False)

@@ -32,6 +32,7 @@ class ModelRef(BaseModel):
     sha256: str
     backend: str = Field(description="what runs the network: torch, onnxruntime or openvino", examples=["onnxruntime"])
     precision: str = Field(examples=["float32"])
+    tta: str = Field("none", description="test-time augmentation: none or flip (SEGMENT_TTA)")
 
 
 class Timings(BaseModel):
@@ -85,6 +86,8 @@ class ModelInfo(BaseModel):
     device: str
     backend: str = Field(description="what runs the network: torch, onnxruntime or openvino (SEGMENT_BACKEND)")
     precision: str
+    tta: str = Field("none", description="test-time augmentation (SEGMENT_TTA): none, or flip (each image also run "
+                     "mirrored, logits averaged)")
     streams: int = Field(description="forwards that may run at once, each on its share of the CPU cores "
                          "(SEGMENT_INFERENCE_STREAMS); 1 on CUDA and with torch")
     backend_notes: list[str] = Field(description="how the backend was chosen at start-up: runtimes tried, why one "
@@ -131,17 +134,16 @@ def segment_response(width: int, height: int, mask_png: bytes, result: Predictio
 
 
 def model_info(checkpoint: Checkpoint, device: str, backend: str, precision: str, notes: list[str],
-               streams: int = 1) -> ModelInfo:
+               streams: int = 1, tta: str = "none") -> ModelInfo:
     m, classes = checkpoint.meta, checkpoint.meta.classes
     return ModelInfo(
         name=checkpoint.path.name, sha256=checkpoint.sha256, encoder=m.model.encoder, architecture=m.model.arch,
         input_size=list(m.input_size),
         classes=[ClassInfo(index=i, name=n, color=hexcolor(c), void=i == classes.void_index)
                  for i, (n, c) in enumerate(zip(classes.names, classes.colors, strict=True))],
-        metrics=m.metrics, device=device, backend=backend, precision=precision, streams=streams, backend_notes=notes,
-        created=m.created,
-        package_version=m.package_version)
+        metrics=m.metrics, device=device, backend=backend, precision=precision, streams=streams, tta=tta,
+        backend_notes=notes, created=m.created, package_version=m.package_version)
 
 
-def model_ref(checkpoint: Checkpoint, backend: str, precision: str) -> ModelRef:
-    return ModelRef(name=checkpoint.path.name, sha256=checkpoint.sha256, backend=backend, precision=precision)
+def model_ref(checkpoint: Checkpoint, backend: str, precision: str, tta: str = "none") -> ModelRef:
+    return ModelRef(name=checkpoint.path.name, sha256=checkpoint.sha256, backend=backend, precision=precision, tta=tta)

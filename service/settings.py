@@ -28,6 +28,10 @@ class Settings(BaseSettings):
                             "and OpenVINO, timed at start-up among those whose masks match torch's")
     cache_dir: Path | None = Field(DEFAULT_CACHE, description="where the ONNX export of the checkpoint is kept "
                                    "between starts (a temporary folder when it cannot be written)")
+    tta: Literal["none", "flip"] = Field(
+        "none", description="test-time augmentation. flip: each image is also run mirrored and the two logits "
+                            "averaged (two forwards per image; BENCHMARKS.md and models/README.md give its gain "
+                            "and cost)")
     inference_streams: int = Field(
         0, ge=0, le=64, description="forwards run at once on a CPU with onnxruntime or openvino, each on cores / "
                                     "streams threads (a lone request still gets every core); 0: one per core, up to 4. "

@@ -365,3 +365,24 @@ def test_sigterm_finishes_every_accepted_request_then_exits(checkpoint):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_flip_tta_serves_the_mean_of_the_image_and_its_mirror(checkpoint):
+    image = Image.open(IMAGE).convert("RGB")
+    with make_client(checkpoint, tta="flip", backend="torch") as c:
+        assert c.get("/model").json()["tta"] == "flip"
+        r = post(c, IMAGE.read_bytes())
+        mirrored = post(c, encoded(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), "PNG"))
+    assert r.status_code == 200 and r.json()["model"]["tta"] == "flip"
+    served = np.array(Image.open(io.BytesIO(base64.b64decode(r.json()["mask"]))))
+    # by hand: the network on the image and on its mirror (flipped back), logits averaged, then the service's mask
+    ckpt = load_checkpoint(checkpoint)
+    x = preprocess(torch.from_numpy(np.array(image)).permute(2, 0, 1), ckpt.meta.input_size, ckpt.meta.mean,
+                   ckpt.meta.std)[None]
+    with torch.no_grad():
+        logits = (ckpt.model(x) + ckpt.model(x.flip(-1)).flip(-1)) / 2
+    expected = logits_to_mask(logits[0], (image.height, image.width), ckpt.meta.classes.void_index).numpy()
+    assert (served == expected).mean() >= 0.999
+    # the mirrored photo gets the mirrored mask
+    flipped = np.array(Image.open(io.BytesIO(base64.b64decode(mirrored.json()["mask"]))))
+    assert (flipped[:, ::-1] == served).mean() >= 0.99

@@ -4,12 +4,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 import training.trainer
 from models.checkpoint import load_checkpoint
+from models.processing import logits_to_mask
 from training.cli import main
+from training.data import SegmentationDataset, open_folder
+from training.engine import Dist
 from training.trainer import TrainConfig, fit
+from training.transforms import eval_transforms
 
 from .conftest import CAMVID
 
@@ -78,6 +83,28 @@ def test_export_rescores_at_the_serving_size_and_stores_fp16(trained, tmp_path, 
     assert meta.metrics["mean_iou"] == pytest.approx(at_size["mean_iou"], abs=1e-3)  # fp16 weights, same score
     assert meta.metrics["split"] == "valid" and meta.train == load_checkpoint(out).meta.train
     assert served.stat().st_size < 0.6 * out.stat().st_size
+
+
+def test_evaluate_with_flip_tta_scores_the_mirror_averaged_predictions(trained, capsys):
+    out, _, _ = trained
+    args = ["evaluate", "--data", str(CAMVID), "--checkpoint", str(out), "--json", "--workers", "0"]
+    assert main(args) == 0 and main([*args, "--tta", "flip"]) == 0
+    plain, flip = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert (plain["tta"], flip["tta"]) == ("none", "flip") and plain["pixels"] == flip["pixels"]
+    # by hand: the same confusion matrix from the model under FlipAveraged, through the same evaluate loop
+    ckpt = load_checkpoint(out)
+    meta = ckpt.meta
+    folder = open_folder(CAMVID)
+    ds = SegmentationDataset(folder.pairs("valid"), eval_transforms(meta.input_size, meta.mean, meta.std))
+    cm = torch.zeros(12, 12, dtype=torch.long)
+    with torch.no_grad():
+        for image, mask in ds:
+            x = image[None]
+            logits = (ckpt.model(x) + ckpt.model(x.flip(-1)).flip(-1)) / 2
+            pred = logits_to_mask(logits[0], tuple(mask.shape), meta.classes.void_index)
+            keep = (mask >= 0) & (mask < 12) & (mask != meta.classes.void_index)
+            cm += torch.bincount(mask[keep].long() * 12 + pred[keep].long(), minlength=144).reshape(12, 12)
+    assert cm.tolist() == flip["confusion"]
 
 
 def test_init_fine_tunes_a_trained_model_with_dice(trained, tmp_path, capsys):
@@ -266,3 +293,25 @@ def test_evaluate_scores_a_labelled_test_only_folder_and_training_still_needs_tr
     assert "the valid split is empty; it has 2 test images" in capsys.readouterr().err
     assert main(["train", "--data", str(folder), "--out", str(tmp_path / "m.safetensors")]) == 2
     assert "the train split is empty; training needs images in both train and valid" in capsys.readouterr().err
+
+
+def test_final_trains_on_train_and_valid_and_keeps_the_last_epoch(tmp_path):
+    config = TrainConfig(data=CAMVID, out=tmp_path / "f.safetensors", run_dir=tmp_path / "f", epochs=2,
+                         freeze_epochs=0, encoder_weights="none", final=True, scale=(0.5, 2.0), colour=0.3,
+                         focus_classes=("Pole", "Bicyclist"), size=(48, 64), **SMALL)
+    folder = open_folder(CAMVID)
+    train_ds = training.trainer._loaders(folder, config, (48, 64), (0.5,) * 3, (0.5,) * 3, Dist(),
+                                         torch.device("cpu"))[0]
+    assert len(train_ds) == len(folder.pairs("train")) + len(folder.pairs("valid"))
+    fit(config)
+    meta = load_checkpoint(config.out).meta
+    assert meta.metrics["epoch"] == 2 and meta.metrics["split"] == "valid (trained on too: --final)"
+    assert meta.train["final"] is True and meta.train["focus_classes"] == ["Pole", "Bicyclist"]
+
+
+def test_an_unknown_focus_class_fails_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "x.safetensors"
+    assert main(["train", "--data", str(CAMVID), "--out", str(out), "--run-dir", str(tmp_path / "x"),
+                 "--focus-classes", "Pole", "Lamppost", "--encoder-weights", "none", "--workers", "0"]) == 2
+    assert "--focus-classes Lamppost: not a class of this data" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not out.exists()

@@ -79,3 +79,29 @@ def test_train_preset_gives_the_requested_size_normalised_and_masks_keep_class_v
     assert set(out_mask.unique().tolist()) <= set(range(6)) | {IGNORE}
     again = t(image, mask, torch.Generator().manual_seed(3))
     assert torch.equal(again[0], out_img) and torch.equal(again[1], out_mask)
+
+
+def test_focus_crops_are_placed_around_pixels_of_the_focus_classes():
+    # one 2x2 "pole" (class 3) in a corner of a 200x300 street of class 0
+    mask = torch.zeros(200, 300, dtype=torch.long)
+    mask[190:192, 5:7] = 3
+    image = torch.zeros(3, 200, 300, dtype=torch.uint8)
+    g = torch.Generator().manual_seed(0)
+    focused = RandomCrop((64, 64), IGNORE, focus=(3,), p_focus=1.0)
+    plain = RandomCrop((64, 64), IGNORE)
+    assert all((focused(image, mask, g)[1] == 3).any() for _ in range(50))  # always in view
+    assert sum(bool((plain(image, mask, g)[1] == 3).any()) for _ in range(200)) < 30  # by chance: ~2% of crops
+    half = RandomCrop((64, 64), IGNORE, focus=(3,), p_focus=0.5)
+    share = sum(bool((half(image, mask, g)[1] == 3).any()) for _ in range(400)) / 400
+    assert 0.4 < share < 0.65
+    # an image without any focus pixel is cropped as usual
+    assert focused(image, torch.zeros_like(mask), g)[1].shape == (64, 64)
+
+
+def test_colour_jitter_changes_the_image_and_never_the_mask():
+    image, mask, _ = blocky_pair()
+    t = train_transforms((32, 48), (0.5,) * 3, (0.5,) * 3, IGNORE, scale=(0.5, 2.0), colour=0.4, focus=(2,))
+    plain = train_transforms((32, 48), (0.5,) * 3, (0.5,) * 3, IGNORE, scale=(0.5, 2.0), focus=(2,))
+    x, m = t(image, mask, torch.Generator().manual_seed(3))
+    y, n = plain(image, mask, torch.Generator().manual_seed(3))
+    assert x.shape == (3, 32, 48) and torch.equal(m, n) and not torch.allclose(x, y)

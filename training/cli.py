@@ -16,7 +16,7 @@ from models.checkpoint import load_checkpoint, save_checkpoint
 from models.encoders import normalization
 from models.errors import ConfigError, UserError
 from models.export import export_onnx
-from models.processing import logits_to_mask, preprocess
+from models.processing import FlipAveraged, logits_to_mask, preprocess
 from models.unet import UNetConfig, build_unet
 
 from .config import add_options, from_args
@@ -50,9 +50,10 @@ def _score(a: argparse.Namespace, ckpt, device, input_size: tuple[int, int], sho
                         f"{list(meta.classes.names)}")
     ds = SegmentationDataset(folder.pairs(a.split), eval_transforms(input_size, meta.mean, meta.std))
     loader = torch.utils.data.DataLoader(ds, batch_size=a.bs, num_workers=a.workers, collate_fn=collate)
-    m = evaluate(ckpt.model, loader, meta.classes.num_classes, meta.classes.ignore_index, meta.classes.void_index,
+    model = FlipAveraged(ckpt.model) if getattr(a, "tta", "none") == "flip" else ckpt.model
+    m = evaluate(model, loader, meta.classes.num_classes, meta.classes.ignore_index, meta.classes.void_index,
                  device, list(meta.classes.names), show=show)
-    m.update(split=a.split, images=len(ds), input_size=list(input_size))
+    m.update(split=a.split, images=len(ds), input_size=list(input_size), tta=getattr(a, "tta", "none"))
     return m
 
 
@@ -169,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = _scoring_parser(sub, "evaluate", "score a checkpoint on a split (void excluded)", cmd_evaluate)
     e.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
                    help="predict at this input size instead of the checkpoint's")
+    e.add_argument("--tta", default="none", choices=["none", "flip"],
+                   help="test-time augmentation, as the service's SEGMENT_TTA: flip averages the logits of each "
+                        "image and of its mirror image")
     e.add_argument("--json", action="store_true", help="print one JSON object")
 
     x = sub.add_parser("export", help="write a serving model: .safetensors (optionally at another input size, "

@@ -40,6 +40,17 @@ class TrainConfig:
     class_weights: str = option("none", "median-freq: SegNet's median-frequency class weights",
                                 choices=["none", "median-freq"])
     dice: float = option(0.0, "add W x soft Dice to cross-entropy: raises thin classes' IoU (try 1.0)", metavar="W")
+    scale: tuple[float, float] = option((0.75, 1.25), "random scale of the training images before cropping (0.5 2.0: "
+                                        "stronger, for other drives and distances)", nargs=2, metavar=("MIN", "MAX"))
+    lighting: float = option(0.2, "brightness and contrast jitter (± this share)")
+    colour: float = option(0.0, "saturation jitter (± this share) and hue jitter (± a tenth of it); 0: off")
+    focus_classes: tuple[str, ...] = option((), "class names that a share of the training crops is centred on (thin, "
+                                            "rare ones: Pole SignSymbol Fence Pedestrian Bicyclist)", nargs="+",
+                                            metavar="NAME")
+    focus_p: float = option(0.5, "share of the training crops centred on a --focus-classes pixel")
+    final: bool = option(False, "train on train + valid with a recipe and epoch count chosen beforehand on valid "
+                                "(as published CamVid results do); the last epoch is kept, and its valid scores are "
+                                "then not held out")
     init: Path | None = option(None, "start from a trained checkpoint's weights (fine-tuning; same encoder, decoder, "
                                "classes); no frozen phase unless --freeze-epochs says so", metavar="CHECKPOINT")
     device: str = option("auto", choices=["auto", "cpu", "cuda"])
@@ -47,6 +58,8 @@ class TrainConfig:
     seed: int = option(0)
     run_dir: Path | None = option(None, "logs, last checkpoint, resume state (default runs/<out stem>)")
     resume: bool = option(False, "continue the run in --run-dir")
+    resume_if_any: bool = option(False, "continue the run in --run-dir if it holds one, else start it there (for "
+                                 "cluster jobs, whose pods may be restarted)")
     half: bool = option(False, "store fp16 weights in the checkpoints (half the file size)")
     show_progress: bool = option(True, "no progress bars", flag="--quiet")
 
@@ -86,7 +99,7 @@ def add_options(parser: argparse.ArgumentParser, names: list[str] | None = None)
             kwargs["required"] = True
         else:
             kwargs["default"] = f.default
-            if f.default is not None and kind is not bool:
+            if f.default not in (None, ()) and kind is not bool:
                 shown = " ".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
                 kwargs["help"] = f"{kwargs['help']} (default: {shown})".lstrip()
         if kind is bool:

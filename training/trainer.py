@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 # Settings a resumed run takes from its saved state, not from the command line.
 HYPERPARAMS = ("encoder", "encoder_weights", "size", "epochs", "freeze_epochs", "progressive", "bs", "lr",
                "encoder_lr_mult", "weight_decay", "pct_start", "class_weights", "seed", "decoder_channels",
-               "dice", "init")
+               "dice", "init", "scale", "lighting", "colour", "focus_classes", "focus_p", "final")
 # The validation metrics a checkpoint records.
 KEPT_METRICS = ("pixel_accuracy", "mean_iou", "mean_class_accuracy", "per_class_iou", "per_class_accuracy", "loss")
 
@@ -108,9 +108,10 @@ class RunState:
 
     @classmethod
     def start(cls, run_dir: Path, config: TrainConfig, fingerprint: dict) -> tuple[TrainConfig, RunState]:
-        """A fresh run, or with config.resume the saved one (its saved settings win over the command line's)."""
+        """A fresh run, or with config.resume (or resume_if_any, when there is one) the saved one (its saved settings
+        win over the command line's)."""
         path = run_dir / "state.pt"
-        if not config.resume:
+        if not (config.resume or (config.resume_if_any and path.is_file())):
             if path.exists():
                 raise RunExistsError(f"{run_dir}: holds an earlier run; pass --resume to continue it, or --run-dir NEW")
             return config, cls()
@@ -173,9 +174,21 @@ def build_model(config: TrainConfig, net_config: UNetConfig, folder: CamVidFolde
     return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
 
 
+def focus_indices(classes, names: tuple[str, ...]) -> tuple[int, ...]:
+    unknown = [n for n in names if n not in classes.names]
+    if unknown:
+        raise ConfigError(f"--focus-classes {' '.join(unknown)}: not a class of this data; its classes are "
+                          f"{' '.join(classes.names)}")
+    return tuple(classes.names.index(n) for n in names)
+
+
 def _loaders(folder: CamVidFolder, config: TrainConfig, size, mean, std, d: Dist, device) -> tuple:
     ignore = folder.classes.ignore_index
-    train_ds = SegmentationDataset(folder.pairs("train"), train_transforms(size, mean, std, ignore), config.seed)
+    augment = train_transforms(size, mean, std, ignore, tuple(config.scale), max_lighting=config.lighting,
+                               colour=config.colour, focus=focus_indices(folder.classes, config.focus_classes),
+                               p_focus=config.focus_p)
+    pairs = folder.pairs("train") + (folder.pairs("valid") if config.final else [])
+    train_ds = SegmentationDataset(pairs, augment, config.seed)
     valid_ds = SegmentationDataset(folder.pairs("valid"), eval_transforms(size, mean, std))
     sampler = DistributedSampler(train_ds, num_replicas=d.world, rank=d.rank, shuffle=True, seed=config.seed)
     common = dict(num_workers=config.workers, collate_fn=collate, pin_memory=device.type == "cuda")
@@ -216,11 +229,12 @@ class RunWriter:
                   amp: Amp) -> None:
         record = run.history[-1]
         kept = {k: metrics[k] for k in KEPT_METRICS}
-        kept.update(epoch=record["epoch"], split="valid", images=len(self.folder.pairs("valid")))
+        kept.update(epoch=record["epoch"], split="valid (trained on too: --final)" if self.config.final else "valid",
+                    images=len(self.folder.pairs("valid")))
         meta = CheckpointMeta(model=self.net_config, classes=self.folder.classes, mean=self.mean, std=self.std,
                               input_size=phase.size, metrics=kept, data=self.fingerprint, train=self.config.to_dict())
         save_checkpoint(self.run_dir / "last.safetensors", model, meta, half=self.config.half)
-        if score(kept) > run.best_score:
+        if self.config.final or score(kept) > run.best_score:  # --final: no selection on valid, the last epoch
             run.best_metrics = kept
             save_checkpoint(Path(self.config.out), model, dataclasses.replace(meta, created=""), half=self.config.half)
         with (self.run_dir / "metrics.jsonl").open("a") as f:
@@ -276,6 +290,7 @@ def fit(config: TrainConfig) -> dict:
     device = resolve_device(config.device, d)
     check_encoder_name(config.encoder)
     folder = open_folder(config.data)
+    focus_indices(folder.classes, config.focus_classes)  # a misspelt class name fails before anything is written
     fingerprint = folder.fingerprint()
     run_dir = Path(config.run_dir or Path("runs") / Path(config.out).stem)
     config, run = RunState.start(run_dir, config, fingerprint)

@@ -58,10 +58,13 @@ class RandomRotation:
 
 
 class RandomCrop:
-    """Crop `size` at a random place; pad first (image 0, mask ignore) where the image is smaller."""
+    """Crop `size` at a random place; pad first (image 0, mask ignore) where the image is smaller. With `focus`
+    classes, a share `p_focus` of the crops is placed around a random pixel of those classes (when the image has
+    any): thin, rare classes (poles, signs, cyclists) are then seen far more often than their pixel share."""
 
-    def __init__(self, size: tuple[int, int], ignore_index: int):
+    def __init__(self, size: tuple[int, int], ignore_index: int, focus: tuple[int, ...] = (), p_focus: float = 0.5):
         self.size, self.ignore = size, ignore_index
+        self.focus, self.p_focus = torch.tensor(focus, dtype=torch.long), p_focus
 
     def __call__(self, image, mask, g):
         th, tw = self.size
@@ -73,6 +76,12 @@ class RandomCrop:
             h, w = image.shape[-2:]
         top = int(torch.randint(0, h - th + 1, (), generator=g))
         left = int(torch.randint(0, w - tw + 1, (), generator=g))
+        if len(self.focus) and torch.rand((), generator=g).item() < self.p_focus:
+            hits = torch.isin(mask, self.focus).nonzero()
+            if len(hits):  # that pixel lands at a random place inside the crop
+                y, x = hits[int(torch.randint(0, len(hits), (), generator=g))].tolist()
+                top = min(max(0, y - int(torch.randint(0, th, (), generator=g))), h - th)
+                left = min(max(0, x - int(torch.randint(0, tw, (), generator=g))), w - tw)
         return image[:, top:top + th, left:left + tw], mask[top:top + th, left:left + tw]
 
 
@@ -87,14 +96,18 @@ class RandomHFlip:
 
 
 class RandomLighting:
-    """Brightness and contrast jitter (fastai's max_lighting); the image only."""
+    """Brightness and contrast jitter (fastai's max_lighting), and with `colour` saturation (± colour) and hue
+    (± colour / 10) jitter, for other cameras and light; the image only."""
 
-    def __init__(self, max_lighting: float = 0.2):
-        self.m = max_lighting
+    def __init__(self, max_lighting: float = 0.2, colour: float = 0.0):
+        self.m, self.colour = max_lighting, colour
 
     def __call__(self, image, mask, g):
         image = F.adjust_brightness(image, _uniform(g, 1 - self.m, 1 + self.m))
         image = F.adjust_contrast(image, _uniform(g, 1 - self.m, 1 + self.m))
+        if self.colour:
+            image = F.adjust_saturation(image, _uniform(g, 1 - self.colour, 1 + self.colour))
+            image = F.adjust_hue(image, _uniform(g, -self.colour / 10, self.colour / 10))
         return image, mask
 
 
@@ -124,14 +137,16 @@ class ToInput:
 
 
 def train_transforms(size: tuple[int, int], mean, std, ignore_index: int, scale=(0.75, 1.25),
-                     degrees: float = 10.0, max_lighting: float = 0.2) -> Compose:
-    """fastai's get_transforms for segmentation (tfm_y=True): scale, rotate, crop, flip, lighting."""
+                     degrees: float = 10.0, max_lighting: float = 0.2, colour: float = 0.0,
+                     focus: tuple[int, ...] = (), p_focus: float = 0.5) -> Compose:
+    """fastai's get_transforms for segmentation (tfm_y=True): scale, rotate, crop (optionally around pixels of the
+    `focus` classes), flip, lighting (optionally colour)."""
     return Compose([
         RandomScaleToCover(size, scale),
         RandomRotation(degrees, ignore_index),
-        RandomCrop(size, ignore_index),
+        RandomCrop(size, ignore_index, focus, p_focus),
         RandomHFlip(),
-        RandomLighting(max_lighting),
+        RandomLighting(max_lighting, colour),
         ToInput(size, mean, std),
     ])
 
