@@ -3,11 +3,17 @@
 #   docker build -t camvid-segment .                  # the service (default target)
 #   docker build --target train -t camvid-train .     # the training CLI
 #
-# The CUDA base only brings the user-space runtime; the torch wheel carries its own CUDA libraries, so the
-# host needs an NVIDIA driver new enough for CUDA 13.0 and nothing else.
-ARG CUDA_IMAGE=nvidia/cuda:13.0.2-runtime-ubuntu24.04
+# Flavours (deploy/flavours/*.env, README "GPU hosts and CUDA flavours"): the base image and where torch comes from.
+# The default, cu130, needs an NVIDIA driver >= 580 (CUDA 13); cu126 runs on CUDA 12 drivers (>= 525, e.g. 535,
+# 550); cpu is a small image without CUDA. The torch wheel carries its own CUDA libraries; the base brings the
+# user-space runtime, and its NVIDIA_REQUIRE_CUDA makes the NVIDIA runtime refuse a host whose driver is too old.
+#   docker build --build-arg BASE_IMAGE=nvidia/cuda:12.6.3-runtime-ubuntu24.04 \
+#     --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu126 -t camvid-segment:0.1.0-cu126 .
+ARG BASE_IMAGE=nvidia/cuda:13.0.2-runtime-ubuntu24.04
+# PyPI's torch 2.14.1 for Linux x86_64 is the CUDA 13.0 build; PyTorch's own indexes hold the others.
+ARG TORCH_INDEX=https://pypi.org/simple
 
-FROM ${CUDA_IMAGE} AS base
+FROM ${BASE_IMAGE} AS base
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -24,12 +30,16 @@ RUN apt-get update \
 WORKDIR /app
 
 # Dependencies only, from pyproject.toml: this layer is rebuilt when the pins change, not when code does.
+# torch and torchvision first, from the flavour's index (same pinned versions); the rest from PyPI.
 FROM base AS deps
+ARG TORCH_INDEX
 COPY pyproject.toml ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
         > /tmp/requirements.txt \
+    && grep -E '^(torch|torchvision)==' /tmp/requirements.txt > /tmp/torch.txt \
+    && pip install --index-url "${TORCH_INDEX}" -r /tmp/torch.txt \
     && pip install -r /tmp/requirements.txt \
-    && rm /tmp/requirements.txt
+    && rm /tmp/requirements.txt /tmp/torch.txt
 
 # Training: python -m training ... with data and runs mounted, e.g.
 #   docker run --gpus all -v "$PWD/data:/data" -v "$PWD/runs:/app/runs" camvid-train \

@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test lint setup serve bench-train bench-serve bench-runtimes gpu-wheels gpu-check clean
+.PHONY: test lint setup tools serve bench-train bench-serve bench-runtimes gpu-wheels gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,10 +13,21 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# Tools whose pins clash with the project's, each in a venv of its own: checkov (the `checks` extra).
+TOOLS ?= .tools
+$(TOOLS)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install --quiet --upgrade pip
+	$(TOOLS)/bin/python -m pip install --quiet $$($(TOOLS)/bin/python -c "import tomllib; \
+		print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['checks']))")
+	touch $@
+
+tools: $(TOOLS)/.installed
+
 lint: setup
 	$(PY) -m ruff check .
 
-test: lint
+test: lint tools
 	$(PY) -m pytest -q
 
 # Serves SEGMENT_CHECKPOINT (default models/camvid.safetensors) on http://127.0.0.1:8000
@@ -62,4 +73,4 @@ gpu-check:
 	PYTHONPATH=$(GPU_SITE):$(CURDIR) $(GPU_PYTHON) bench/gpu_check.py --data $(DATA)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(TOOLS) .pytest_cache .ruff_cache *.egg-info

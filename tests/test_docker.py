@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from models import __version__
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +47,7 @@ def test_hadolint_passes():
 
 
 def test_base_image_is_a_cuda_runtime_pinned_by_tag():
-    default = re.search(r"ARG CUDA_IMAGE=(\S+)", DOCKERFILE).group(1)
+    default = re.search(r"ARG BASE_IMAGE=(\S+)", DOCKERFILE).group(1)
     repo, tag = default.split(":")
     assert repo == "nvidia/cuda" and re.fullmatch(r"\d+\.\d+\.\d+-(cudnn-)?runtime-ubuntu\d+\.\d+", tag)
     assert "latest" not in DOCKERFILE
@@ -94,7 +95,8 @@ def test_dockerignore_keeps_the_copied_sources_and_drops_the_rest():
 def test_compose_gpu_service():
     assert set(COMPOSE["services"]) == {"segment", "segment-cpu"}
     svc = COMPOSE["services"]["segment"]
-    assert svc["build"] == {"context": ".", "target": "serve"} and "serve" in stages()
+    assert (svc["build"]["context"], svc["build"]["target"]) == (".", "serve") and "serve" in stages()
+    assert set(svc["build"]["args"]) == set(re.findall(r"^ARG (\w+)=", DOCKERFILE, re.M))  # every flavour argument
     device = svc["deploy"]["resources"]["reservations"]["devices"][0]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
     host, container = substitute(svc["ports"][0]).split(":")
@@ -140,3 +142,39 @@ def test_healthcheck_fails_cleanly_when_nothing_listens():
     done = subprocess.run([sys.executable, "-m", "service.healthcheck"], capture_output=True, text=True, cwd=ROOT,
                           env={"SEGMENT_PORT": str(port), "PATH": "/usr/bin:/bin"}, timeout=30)
     assert done.returncode == 1 and done.stderr.startswith("unhealthy:")
+
+
+FLAVOURS = {p.stem: dict(line.split("=", 1) for line in p.read_text().splitlines() if line and line[0] != "#")
+            for p in (ROOT / "deploy" / "flavours").glob("*.env")}
+PYPI_TORCH = "cu130"  # PyPI's torch wheel for Linux x86_64 is this CUDA build; the others come from PyTorch's indexes
+
+
+def test_image_flavours_pair_a_base_image_with_the_torch_build_for_it():
+    assert set(FLAVOURS) >= {"cu130", "cu126", "cpu"}
+    for name, f in FLAVOURS.items():
+        assert f["SEGMENT_FLAVOUR"] == name
+        base, index = f["SEGMENT_BASE_IMAGE"], f["SEGMENT_TORCH_INDEX"]
+        if name.startswith("cu"):  # the CUDA runtime of the base is the CUDA the torch build was made for
+            m = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d)\.\d+-(cudnn-)?runtime-ubuntu\d+\.\d+", base)
+            assert m and f"cu{m[1]}{m[2]}" == name, (name, base)
+        else:
+            assert name == "cpu" and not base.startswith("nvidia/") and f["SEGMENT_DEVICE"] == "cpu"
+        expected = "https://pypi.org/simple" if name == PYPI_TORCH else f"https://download.pytorch.org/whl/{name}"
+        assert index == expected, name
+
+
+def test_dockerfile_and_compose_default_to_the_pypi_flavour_and_pass_every_flavour_setting():
+    default = FLAVOURS[PYPI_TORCH]
+    assert re.search(r"^ARG BASE_IMAGE=(\S+)", DOCKERFILE, re.M)[1] == default["SEGMENT_BASE_IMAGE"]
+    assert re.search(r"^ARG TORCH_INDEX=(\S+)", DOCKERFILE, re.M)[1] == default["SEGMENT_TORCH_INDEX"]
+    text = (ROOT / "docker-compose.yml").read_text()
+    read = set(re.findall(r"\$\{(SEGMENT_\w+)", text))
+    for name, f in FLAVOURS.items():
+        assert set(f) <= read, (name, set(f) - read)  # every variable a flavour file sets reaches compose
+    for svc in COMPOSE["services"].values():
+        args = {k: substitute(v) for k, v in svc["build"]["args"].items()}
+        assert args == {"BASE_IMAGE": default["SEGMENT_BASE_IMAGE"], "TORCH_INDEX": default["SEGMENT_TORCH_INDEX"]}
+        assert substitute(svc["image"]) == f"camvid-segment:{__version__}-{PYPI_TORCH}"
+    # the deps stage installs torch from the flavour's index, at the pinned versions
+    deps = " ".join(stages()["deps"])
+    assert "ARG TORCH_INDEX" in deps and '--index-url "${TORCH_INDEX}"' in deps
