@@ -216,6 +216,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="measure the limit and every server this many times")
     p.add_argument("--levels", type=int, nargs="+", default=[1, 8, 16], help="concurrency levels")
     p.add_argument("--backend", default="auto", help="SEGMENT_BACKEND for our service (the baseline gets it too)")
+    p.add_argument("--ours-env", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="settings for our service only, e.g. SEGMENT_TTA=flip against --baseline . (the same tree "
+                        "without them): the cost of a setting")
     p.add_argument("--no-record", action="store_true")
     args = p.parse_args()
     levels = tuple(args.levels)
@@ -225,15 +228,15 @@ def main() -> None:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     args.batch = args.batch or (16 if device == "cuda" else 1)
-    def service(port: int, cwd: Path = ROOT) -> Server:
+    def service(port: int, cwd: Path = ROOT, extra: dict | None = None) -> Server:
         base = f"http://127.0.0.1:{port}"
         return Server([sys.executable, "-m", "service"], {
             "SEGMENT_CHECKPOINT": str(ckpt), "SEGMENT_PORT": str(port), "SEGMENT_LOG_LEVEL": "warning",
             "SEGMENT_MAX_BATCH_SIZE": str(args.batch), "SEGMENT_MAX_BATCH_WAIT_MS": str(args.wait_ms),
-            "SEGMENT_BACKEND": args.backend},
+            "SEGMENT_BACKEND": args.backend, **(extra or {})},
             f"{base}/ready", f"{base}/segment", cwd)
 
-    servers = {"ours": service(args.port)}
+    servers = {"ours": service(args.port, extra=dict(kv.split("=", 1) for kv in args.ours_env))}
     if args.baseline:  # another checkout of this project: `python -m service` run from there
         servers["baseline"] = service(args.port + 2, args.baseline.resolve())
     if not args.no_litserve:
