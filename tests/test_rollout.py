@@ -1,14 +1,16 @@
 """Zero-loss rollouts behind a real load balancer: two replicas of the service (`python -m service`) on loopback
-behind Debian's haproxy, run with deploy/haproxy/haproxy.cfg as shipped, under steady load; each replica in turn
-gets SIGTERM and is started again. Not one request may fail, and haproxy must not have needed a retry: the
-service's own shutdown (503 on /ready at once, serving on for SEGMENT_SHUTDOWN_DELAY_S, then finishing what it
-accepted) is what keeps the load balancer from sending a request to a replica that is going away."""
+behind Debian's haproxy (deploy/haproxy/haproxy.cfg as shipped) or nginx (deploy/nginx/nginx.conf.template, filled in
+as its comment says), under steady load; each replica in turn gets SIGTERM and is started again. Not one request may
+fail. Behind haproxy, which health-checks /ready, not one may even need a retry: the service's own shutdown (503
+on /ready at once, serving on for SEGMENT_SHUTDOWN_DELAY_S, then finishing what it accepted) is what keeps the
+balancer from sending a request to a replica that is going away."""
 
 from __future__ import annotations
 
 import csv
 import io
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -23,12 +25,15 @@ from .conftest import FIXTURES
 from .live import ROOT, free_port, start_service
 from .test_service import checkpoint  # noqa: F401  (the module's small checkpoint, input size 64x96)
 
-HAPROXY = shutil.which("haproxy") or next((p for p in ("/usr/sbin/haproxy",) if os.path.exists(p)), None)
-CONFIG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
-DELAY_S = 5  # SEGMENT_SHUTDOWN_DELAY_S, as the config's comment says: above inter x fall = 2 s
 
-pytestmark = pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed (`apt-get install haproxy`; "
-                                                        ".ci/run installs it)")
+def system_binary(name: str) -> str | None:
+    return shutil.which(name) or next((p for p in (f"/usr/sbin/{name}",) if os.path.exists(p)), None)
+
+
+HAPROXY, NGINX = system_binary("haproxy"), system_binary("nginx")
+CONFIG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
+NGINX_TEMPLATE = ROOT / "deploy" / "nginx" / "nginx.conf.template"
+DELAY_S = 5  # SEGMENT_SHUTDOWN_DELAY_S, as the config's comment says: above inter x fall = 2 s
 
 
 def replica(path, port: int) -> subprocess.Popen:
@@ -85,7 +90,26 @@ class Load:
             t.join(60)
 
 
-def test_rolling_both_replicas_under_load_loses_no_request(checkpoint, tmp_path):  # noqa: F811
+def terminate(proc: subprocess.Popen, port: int) -> float:
+    """SIGTERM a replica: /ready turns 503 'draining' at once (it still serves). Returns when the signal went."""
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    ready = httpx.get(f"http://127.0.0.1:{port}/ready", timeout=5)
+    assert ready.status_code == 503 and ready.json()["code"] == "draining"
+    return t0
+
+
+def restart(replicas: list, i: int, path, port: int, signalled: float) -> None:
+    """Once replica i exits (not before the drain delay, and cleanly), start it again on its port."""
+    replicas[i].wait(60)
+    assert time.monotonic() - signalled >= DELAY_S
+    assert "Traceback" not in replicas[i].stderr.read()
+    replicas[i] = replica(path, port)
+
+
+@pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed (`apt-get install haproxy`; .ci/run installs it)")
+def test_rolling_both_replicas_behind_haproxy_loses_no_request(checkpoint, tmp_path):  # noqa: F811
     ports = [free_port(), free_port()]
     lb, stats_at = free_port(), free_port()
     replicas = [replica(checkpoint, p) for p in ports]
@@ -102,18 +126,10 @@ def test_rolling_both_replicas_under_load_loses_no_request(checkpoint, tmp_path)
         with Load(f"http://127.0.0.1:{lb}/segment") as load:
             time.sleep(2)
             for i, server in enumerate(("replica1", "replica2")):
-                t0 = time.monotonic()
-                replicas[i].send_signal(signal.SIGTERM)
-                time.sleep(0.3)
-                # readiness turns at once, while requests are still served
-                ready = httpx.get(f"http://127.0.0.1:{ports[i]}/ready", timeout=5)
-                assert ready.status_code == 503 and ready.json()["code"] == "draining"
+                signalled = terminate(replicas[i], ports[i])
                 wait_status(stats_url, server, "DOWN")
                 assert replicas[i].poll() is None  # still up: out of rotation before it stops accepting
-                replicas[i].wait(60)
-                assert time.monotonic() - t0 >= DELAY_S
-                assert "Traceback" not in replicas[i].stderr.read()
-                replicas[i] = replica(checkpoint, ports[i])
+                restart(replicas, i, checkpoint, ports[i], signalled)
                 wait_status(stats_url, server, "UP")
                 time.sleep(1)
         results = dict(load.results)
@@ -127,3 +143,43 @@ def test_rolling_both_replicas_under_load_loses_no_request(checkpoint, tmp_path)
         for p in replicas:
             if p.poll() is None:
                 p.kill()
+
+
+@pytest.mark.skipif(NGINX is None, reason="nginx is not installed (`apt-get install nginx-light`; .ci/run installs it)")
+def test_rolling_both_replicas_behind_nginx_loses_no_request(checkpoint, tmp_path):  # noqa: F811
+    ports, lb = [free_port(), free_port()], free_port()
+    replicas = [replica(checkpoint, p) for p in ports]
+    values = {"SEGMENT_LB_LISTEN": f"127.0.0.1:{lb}", "SEGMENT_REPLICA_1": f"127.0.0.1:{ports[0]}",
+              "SEGMENT_REPLICA_2": f"127.0.0.1:{ports[1]}"}
+    # envsubst with the variables the template's comment lists: every other $name is nginx's own
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(re.sub(r"\$\{(SEGMENT_\w+)\}", lambda m: values[m[1]], NGINX_TEMPLATE.read_text()))
+    run = [NGINX, "-p", str(tmp_path), "-c", str(conf), "-e", "stderr",
+           "-g", f"daemon off; pid {tmp_path / 'nginx.pid'};"]
+    (tmp_path / "logs").mkdir()
+    done = subprocess.run([*run[:-2], "-t"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    nginx = subprocess.Popen(run, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{lb}/segment"
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # nginx listening
+            try:
+                httpx.get(f"http://127.0.0.1:{lb}/ready", timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        with Load(url) as load:
+            time.sleep(2)
+            for i in range(2):
+                restart(replicas, i, checkpoint, ports[i], terminate(replicas[i], ports[i]))
+                time.sleep(6)  # past fail_timeout: nginx tries the restarted replica again before the next goes
+        results = dict(load.results)
+        ok = results.pop("ok", 0)
+    finally:
+        nginx.terminate()
+        log = nginx.communicate(timeout=10)[1]
+        for p in replicas:
+            if p.poll() is None:
+                p.kill()
+    assert ok > 20 and not results, (results, log[-3000:])
