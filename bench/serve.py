@@ -58,6 +58,14 @@ def hardware(device: str) -> str:
     return f"{platform.machine()} CPU ({torch.get_num_threads()} threads)"
 
 
+def setting(text: str) -> tuple[str, str]:
+    """KEY=VALUE for --ours-env."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.startswith("SEGMENT_"):
+        raise argparse.ArgumentTypeError(f"{text!r}: give SEGMENT_NAME=VALUE")
+    return key, value
+
+
 def untrained_checkpoint(data: Path, size: tuple[int, int], path: Path) -> Path:
     """Speed does not depend on the weights: the default architecture with random weights will do."""
     classes = ClassSet.from_names(read_codes(data / "codes.txt"))
@@ -216,7 +224,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="measure the limit and every server this many times")
     p.add_argument("--levels", type=int, nargs="+", default=[1, 8, 16], help="concurrency levels")
     p.add_argument("--backend", default="auto", help="SEGMENT_BACKEND for our service (the baseline gets it too)")
-    p.add_argument("--ours-env", nargs="+", default=[], metavar="KEY=VALUE",
+    p.add_argument("--ours-env", nargs="+", default=[], metavar="KEY=VALUE", type=setting,
                    help="settings for our service only, e.g. SEGMENT_TTA=flip against --baseline . (the same tree "
                         "without them): the cost of a setting")
     p.add_argument("--no-record", action="store_true")
@@ -236,7 +244,7 @@ def main() -> None:
             "SEGMENT_BACKEND": args.backend, **(extra or {})},
             f"{base}/ready", f"{base}/segment", cwd)
 
-    servers = {"ours": service(args.port, extra=dict(kv.split("=", 1) for kv in args.ours_env))}
+    servers = {"ours": service(args.port, extra=dict(args.ours_env))}
     if args.baseline:  # another checkout of this project: `python -m service` run from there
         servers["baseline"] = service(args.port + 2, args.baseline.resolve())
     if not args.no_litserve:

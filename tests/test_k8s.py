@@ -65,6 +65,11 @@ def test_rendered_manifests_validate_against_the_kubernetes_schemas(path):
     import kubernetes_validate
     from kubernetes_validate.utils import SchemaNotFoundError
 
+    kinds = sorted(o["kind"] for o in rendered(path))
+    serving = ["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "Namespace", "NetworkPolicy",
+               "PodDisruptionBudget", "Service"]
+    assert kinds == {"train": ["Job", "PersistentVolumeClaim", "PersistentVolumeClaim", "Service"],
+                     "overlays/cpu": serving}.get(path, sorted([*serving, "ServiceMonitor"])), kinds
     for obj in rendered(path):
         try:
             kubernetes_validate.validate(obj, KUBERNETES, strict=True)

@@ -309,9 +309,19 @@ def test_final_trains_on_train_and_valid_and_keeps_the_last_epoch(tmp_path):
     assert meta.train["final"] is True and meta.train["focus_classes"] == ["Pole", "Bicyclist"]
 
 
-def test_an_unknown_focus_class_fails_before_anything_is_written(tmp_path, capsys):
+def test_bad_augmentation_options_fail_before_anything_is_written(tmp_path, capsys):
     out = tmp_path / "x.safetensors"
     assert main(["train", "--data", str(CAMVID), "--out", str(out), "--run-dir", str(tmp_path / "x"),
                  "--focus-classes", "Pole", "Lamppost", "--encoder-weights", "none", "--workers", "0"]) == 2
     assert "--focus-classes Lamppost: not a class of this data" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not out.exists()
+    # out-of-range augmentation is refused up front, not by a loader worker's traceback mid-epoch
+    for flags, message in ((["--colour", "2"], "--colour 2: must be between 0 and 1"),
+                           (["--lighting", "-0.1"], "--lighting -0.1: must be between 0 and 1"),
+                           (["--focus-p", "1.5"], "--focus-p 1.5: must be between 0 and 1"),
+                           (["--scale", "2", "0.5"], "--scale 2 0.5: give MIN MAX with 0 < MIN <= MAX")):
+        assert main(["train", "--data", str(CAMVID), "--out", str(out), "--run-dir", str(tmp_path / "x"), *flags,
+                     "--encoder-weights", "none", "--workers", "0"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
     assert not (tmp_path / "x").exists() and not out.exists()

@@ -174,18 +174,26 @@ def build_model(config: TrainConfig, net_config: UNetConfig, folder: CamVidFolde
     return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
 
 
-def focus_indices(classes, names: tuple[str, ...]) -> tuple[int, ...]:
-    unknown = [n for n in names if n not in classes.names]
+def augmentation_focus(config: TrainConfig, classes) -> tuple[int, ...]:
+    """Checks the augmentation options (a bad value would otherwise fail mid-epoch, inside a loader worker) and returns
+    the indices of the --focus-classes."""
+    lo, hi = config.scale
+    if not 0 < lo <= hi:
+        raise ConfigError(f"--scale {lo:g} {hi:g}: give MIN MAX with 0 < MIN <= MAX (e.g. 0.5 2.0)")
+    for flag, value in (("--lighting", config.lighting), ("--colour", config.colour), ("--focus-p", config.focus_p)):
+        if not 0 <= value <= 1:
+            raise ConfigError(f"{flag} {value:g}: must be between 0 and 1")
+    unknown = [n for n in config.focus_classes if n not in classes.names]
     if unknown:
         raise ConfigError(f"--focus-classes {' '.join(unknown)}: not a class of this data; its classes are "
                           f"{' '.join(classes.names)}")
-    return tuple(classes.names.index(n) for n in names)
+    return tuple(classes.names.index(n) for n in config.focus_classes)
 
 
 def _loaders(folder: CamVidFolder, config: TrainConfig, size, mean, std, d: Dist, device) -> tuple:
     ignore = folder.classes.ignore_index
     augment = train_transforms(size, mean, std, ignore, tuple(config.scale), max_lighting=config.lighting,
-                               colour=config.colour, focus=focus_indices(folder.classes, config.focus_classes),
+                               colour=config.colour, focus=augmentation_focus(config, folder.classes),
                                p_focus=config.focus_p)
     pairs = folder.pairs("train") + (folder.pairs("valid") if config.final else [])
     train_ds = SegmentationDataset(pairs, augment, config.seed)
@@ -290,7 +298,7 @@ def fit(config: TrainConfig) -> dict:
     device = resolve_device(config.device, d)
     check_encoder_name(config.encoder)
     folder = open_folder(config.data)
-    focus_indices(folder.classes, config.focus_classes)  # a misspelt class name fails before anything is written
+    augmentation_focus(config, folder.classes)  # a bad value or class name fails before anything is written
     fingerprint = folder.fingerprint()
     run_dir = Path(config.run_dir or Path("runs") / Path(config.out).stem)
     config, run = RunState.start(run_dir, config, fingerprint)
