@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.decode import decode_image  # noqa: E402
+from service.decode import decode_upload  # noqa: E402
 from service.predictor import Predictor, mask_png  # noqa: E402
 from service.schemas import Timings, model_ref, ms, segment_response  # noqa: E402
 
@@ -28,9 +28,10 @@ class SegmentAPI(ls.LitAPI):
 
     def decode_request(self, request):
         t0 = time.perf_counter()
-        image = decode_image(request["image"].file.read(), 40_000_000)
-        tensor = self.predictor.preprocess(image)
-        return image, tensor, time.perf_counter() - t0
+        upload = decode_upload(request["image"].file.read(), 40_000_000,
+                               shrink_to=max(self.predictor.meta.input_size))
+        tensor = self.predictor.preprocess(upload.image)
+        return upload.size, tensor, time.perf_counter() - t0
 
     def batch(self, inputs):
         return [i[0] for i in inputs], torch.stack([i[1] for i in inputs]), [i[2] for i in inputs]
@@ -38,24 +39,24 @@ class SegmentAPI(ls.LitAPI):
     def predict(self, x):
         t0 = time.perf_counter()
         if self.max_batch_size == 1:  # LitServe skips batch()/unbatch(): x is one decode_request() result
-            image, tensor, decode = x
-            result = self.predictor.predict(tensor[None], [(image.height, image.width)])[0]
-            return image, result, decode, time.perf_counter() - t0
-        images, batch, decodes = x
-        results = self.predictor.predict(batch, [(im.height, im.width) for im in images])
+            (width, height), tensor, decode = x
+            result = self.predictor.predict(tensor[None], [(height, width)])[0]
+            return (width, height), result, decode, time.perf_counter() - t0
+        sizes, batch, decodes = x
+        results = self.predictor.predict(batch, [(h, w) for w, h in sizes])
         inference = time.perf_counter() - t0
-        return [(im, r, d, inference) for im, r, d in zip(images, results, decodes, strict=True)]
+        return [(wh, r, d, inference) for wh, r, d in zip(sizes, results, decodes, strict=True)]
 
     def unbatch(self, output):
         return output
 
     def encode_response(self, output):
-        image, result, decode, inference = output
+        (width, height), result, decode, inference = output
         t0 = time.perf_counter()
         png = mask_png(result.mask, self.predictor.meta.classes.palette())
         # a LitAPI does not see its queue: that wait is reported as 0 (the bench reads only HTTP timings)
         timings = Timings(decode=ms(decode), queue=0.0, inference=ms(inference), encode=ms(time.perf_counter() - t0))
-        return segment_response(image.width, image.height, png, result, self.predictor.meta.classes,
+        return segment_response(width, height, png, result, self.predictor.meta.classes,
                                 model_ref(self.predictor.checkpoint, self.predictor.backend.name,
                                           self.predictor.precision), timings, uuid.uuid4().hex).model_dump()
 

@@ -38,7 +38,7 @@ from service.backends import (  # noqa: E402
     agreement,
     cached_onnx,
 )
-from service.decode import decode_image  # noqa: E402
+from service.decode import decode_upload  # noqa: E402
 from service.predictor import Predictor  # noqa: E402
 from training.data import open_folder, read_label  # noqa: E402
 from training.metrics import ConfusionMatrix  # noqa: E402
@@ -122,7 +122,7 @@ def main() -> None:
     backends = [torch_fp32, Contiguous(load_checkpoint(args.checkpoint).model), OnnxRuntimeBackend(path, cache),
                 OpenVinoBackend(path, cache), OpenVinoDefaultPrecision(path, cache)]
     predictor = Predictor(ckpt, Selection(torch_fp32))
-    first = predictor.preprocess(decode_image(pairs[0].image.read_bytes(), 10**9))[None]
+    first = predictor.preprocess(decode_upload(pairs[0].image.read_bytes(), 10**9).image)[None]
     reference = torch_fp32(first)
     rows, torch_masks, speeds = [], [], []
     for b in backends:
@@ -130,8 +130,8 @@ def main() -> None:
         predictor.backend = b
         cm, same, total = ConfusionMatrix(ckpt.meta.classes.num_classes, ckpt.meta.classes.void_index), 0, 0
         for i, pair in enumerate(pairs):
-            image = decode_image(pair.image.read_bytes(), 10**9)
-            mask = predictor.predict(predictor.preprocess(image)[None], [(image.height, image.width)])[0].mask
+            image = decode_upload(pair.image.read_bytes(), 10**9).image
+            mask = predictor.predict(predictor.preprocess(image)[None], [image.shape[:2]])[0].mask
             cm.update(torch.from_numpy(read_label(pair.label).astype(np.int64)), torch.from_numpy(mask))
             if b is torch_fp32:
                 torch_masks.append(mask)

@@ -69,9 +69,11 @@ class Predictor:
     def num_classes(self) -> int:
         return self.meta.classes.num_classes
 
-    def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """RGB image → (3, H, W) normalised float at the checkpoint's input size (CPU, any thread)."""
-        x = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # (3, H, W) uint8
+    def preprocess(self, image: np.ndarray | Image.Image) -> torch.Tensor:
+        """(H, W, 3) uint8 RGB pixels, or an RGB image → (3, h, w) normalised float at the checkpoint's input size
+        (CPU, any thread)."""
+        pixels = image if isinstance(image, np.ndarray) else np.array(image)
+        x = torch.from_numpy(pixels).permute(2, 0, 1)  # (3, H, W) uint8
         return preprocess(x, self.meta.input_size, self.meta.mean, self.meta.std)
 
     def forward(self, batch: torch.Tensor, concurrent: int = 1) -> torch.Tensor:
@@ -89,7 +91,8 @@ class Predictor:
         void = self.meta.classes.void_index
         if not confidence:
             mask = logits_to_mask(logits, size, void)
-            counts = torch.bincount(mask.flatten(), minlength=self.num_classes)  # on the uint8 mask: no int64 copy
+            # torch's bincount reads the uint8 mask as it is (NumPy's would copy a 40 MP mask to int64: 320 MB)
+            counts = torch.bincount(mask.flatten(), minlength=self.num_classes)
             return Prediction(mask.cpu().numpy(), counts.cpu().tolist())
         mask, conf, sums = logits_to_mask_and_confidence(logits, size, void)
         counts = torch.bincount(mask.flatten(), minlength=self.num_classes).cpu().tolist()

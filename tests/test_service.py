@@ -117,16 +117,6 @@ def test_accept_png_returns_the_mask_itself_with_counts_in_a_header(client):
     assert sum(counts.values()) == 96 * 72 and counts["Sky"] == int((np.array(im) == 0).sum())
 
 
-def test_strip_upsampling_equals_f_interpolate():
-    logits = torch.randn(5, 9, 13)
-    for h, w in [(100, 37), (9, 13), (4, 5), (1000, 3)]:
-        ref = F.interpolate(logits[None], size=(h, w), mode="bilinear", align_corners=False)[0]
-        ref[2] = torch.finfo(ref.dtype).min
-        got = logits_to_mask(logits, (h, w), void_index=2, rows_per_strip=7, max_direct=0)
-        assert got.shape == (h, w) and (got == ref.argmax(0)).float().mean() > 0.999
-        assert torch.equal(logits_to_mask(logits, (h, w), void_index=2), ref.argmax(0).to(torch.uint8))
-
-
 @pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "I;16", "exif", "gif"])
 def test_image_modes_are_converted(client, mode):
     base = Image.open(IMAGE).convert("RGB")
@@ -150,6 +140,37 @@ def test_image_modes_are_converted(client, mode):
     assert r.status_code == 200, r.text
     assert (r.json()["width"], r.json()["height"]) == expected
     assert sum(c["pixels"] for c in r.json()["classes"]) == expected[0] * expected[1]
+
+
+def test_plain_png_frames_are_decoded_by_libspng_to_pillows_pixels_and_the_rest_by_pillow(monkeypatch):
+    from service import decode
+    from service.decode import decode_upload, open_checked, plain_png
+    from service.errors import UploadError
+
+    def fast(data: bytes) -> bool:
+        return plain_png(data, open_checked(data, 10**6, 20)) is not None
+
+    base = Image.open(IMAGE).convert("RGB")
+    for data in (IMAGE.read_bytes(), encoded(base, "PNG"), encoded(base, "PNG", compress_level=0)):
+        assert fast(data)
+        assert np.array_equal(decode_upload(data, 10**6).image, np.array(base))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # a PNG from a camera held sideways (an eXIf chunk): Pillow decodes it and turns it upright
+    rotated = encoded(base, "PNG", exif=exif)
+    upload = decode_upload(rotated, 10**6)
+    assert not fast(rotated) and upload.size == (72, 96) and upload.image.shape == (96, 72, 3)
+    keyed = encoded(base, "PNG", transparency=tuple(np.array(base)[0, 0].tolist()))  # tRNS: a colour is clear
+    for other in (keyed, base.convert("RGBA"), base.convert("P"), base.convert("L")):
+        other = Image.open(io.BytesIO(other)) if isinstance(other, bytes) else other
+        data = encoded(other, "PNG")
+        assert not fast(data) and np.array_equal(decode_upload(data, 10**6).image, np.array(other.convert("RGB")))
+    data = encoded(base, "PNG")
+    monkeypatch.setattr(decode, "imagecodecs", None)  # a host without it: Pillow decodes, to the same pixels
+    assert not fast(data) and np.array_equal(decode_upload(data, 10**6).image, np.array(base))
+    monkeypatch.undo()
+    with pytest.raises(UploadError) as e:  # libspng refuses a truncated file; Pillow's error is the answer
+        decode_upload(data[: len(data) // 2], 10**6)
+    assert e.value.code == "corrupt_image" and "truncated or corrupt" in e.value.detail
 
 
 def test_sixteen_bit_grey_keeps_its_contrast():
