@@ -9,6 +9,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
+import torch
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
@@ -18,7 +19,7 @@ from models import __version__
 from .batcher import Batcher
 from .deps import State
 from .errors import install_error_handlers
-from .metrics import observe_requests, use_json_access_log
+from .metrics import ObserveRequests, use_json_access_log
 from .predictor import Predictor
 from .routes import document_upload, router
 from .settings import Settings
@@ -43,6 +44,10 @@ async def lifespan(app: FastAPI):
     batch_size = settings.batch_size_for(predictor.device)
     seconds = await asyncio.to_thread(predictor.warmup, settings.warmup_passes, batch_size)
     state.predictor = predictor
+    if predictor.device.type == "cpu" and predictor.backend.name != "torch":
+        # torch only preprocesses here (resize, normalise: ~1 ms an image, on the codec threads): on one thread it
+        # never wakes a second pool to compete with the runtime's for the cores (BENCHMARKS.md)
+        torch.set_num_threads(1)
     # Start-up leaves ~400k long-lived objects (torch, FastAPI, the model); the first full collection while
     # serving walked them all and stalled one request ~200 ms on a CPU. Frozen, collections skip them.
     gc.collect()
@@ -73,7 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.log_format == "json":
         use_json_access_log()
     install_error_handlers(app)
-    app.middleware("http")(observe_requests)
+    app.add_middleware(ObserveRequests)
     if settings.cors_origins:  # added last: outermost, so preflight requests are answered before anything else
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Request-ID", "Accept"],

@@ -8,8 +8,9 @@ import time
 import uuid
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from starlette.requests import Request
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.routing import Mount
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import error_response
 
@@ -52,33 +53,55 @@ METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # what is echoed back: no spaces, quotes or control characters
 
 
-async def observe_requests(request: Request, call_next):
-    """HTTP middleware: count each request and time it, labelled by the route it matched and its method (any other
+class ObserveRequests:
+    """ASGI middleware: count each request and time it, labelled by the route it matched and its method (any other
     method is "other", so invented ones cannot create series); an exception no handler took becomes a JSON 500,
     logged once with its traceback and counted like any answer. Every response gets X-Content-Type-Options and
-    X-Request-ID (the caller's when it sent a sane one, else a new one; routes read it from request.state)."""
-    t0 = time.perf_counter()
-    given = request.headers.get("x-request-id", "")
-    request.state.request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
-    try:
-        response = await call_next(request)
-    except Exception:  # the last line of defence: a bug must still answer JSON and show up in /metrics
-        log.exception("unhandled error in %s %s", request.method, request.url.path)
-        response = error_response(500, "internal", "the service failed on this request; it has been logged")
-    path = route_label(request.app, request.scope)
-    method = request.method if request.method in METHODS else "other"
-    REQUESTS.labels(path, method, str(response.status_code)).inc()
-    LATENCY.labels(path).observe(time.perf_counter() - t0)
-    response.headers["X-Content-Type-Options"] = "nosniff"
-    response.headers["X-Request-ID"] = request.state.request_id
-    if access_log.handlers:
-        state = request.app.state.segment
-        access_log.info("request", extra={"fields": {
-            "request_id": request.state.request_id, "method": method, "route": path, "status": response.status_code,
-            "bytes": int(response.headers.get("content-length", 0)), "ms": round((time.perf_counter() - t0) * 1000, 2),
-            "timings_ms": getattr(request.state, "timings", None),
-            "backend": state.predictor.backend.name if state.predictor else None}})
-    return response
+    X-Request-ID (the caller's when it sent a sane one, else a new one; routes read it from request.state).
+
+    Plain ASGI rather than Starlette's BaseHTTPMiddleware, which runs each request in a task group and copies the
+    response body through a memory stream: here the answer goes straight to the server."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        given = Headers(scope=scope).get("x-request-id", "")
+        request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        answer = {"status": 500, "bytes": 0, "started": False}
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                headers["X-Content-Type-Options"] = "nosniff"
+                headers["X-Request-ID"] = request_id
+                answer.update(status=message["status"], bytes=int(headers.get("content-length", 0)), started=True)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_headers)
+        except Exception:  # the last line of defence: a bug must still answer JSON and show up in /metrics
+            log.exception("unhandled error in %s %s", scope["method"], scope["path"])
+            if answer["started"]:
+                raise  # the answer is half sent: the server can only close the connection
+            await error_response(500, "internal", "the service failed on this request; it has been logged")(
+                scope, receive, send_with_headers)
+        path = route_label(scope["app"], scope)
+        method = scope["method"] if scope["method"] in METHODS else "other"
+        REQUESTS.labels(path, method, str(answer["status"])).inc()
+        LATENCY.labels(path).observe(time.perf_counter() - t0)
+        if access_log.handlers:
+            predictor = scope["app"].state.segment.predictor
+            access_log.info("request", extra={"fields": {
+                "request_id": request_id, "method": method, "route": path, "status": answer["status"],
+                "bytes": answer["bytes"], "ms": round((time.perf_counter() - t0) * 1000, 2),
+                "timings_ms": state.get("timings"), "backend": predictor.backend.name if predictor else None}})
 
 
 def route_label(app, scope: dict) -> str:
