@@ -132,21 +132,19 @@ def decode_upload(data: bytes, max_pixels: int, max_aspect: float = 20.0, shrink
     memory and time follow the network's needs, not the upload's size."""
     im = open_checked(data, max_pixels, max_aspect)
     try:
-        pixels = plain_png(data, im)
-        if pixels is not None and not keep_full and _shrink_factor(im.size, shrink_to) == 1:
-            return Decoded(pixels, im.size)  # the network's input as it is: no copy through Pillow
+        # A frame the network takes as it is (no shrinking, no overlay): libspng's pixels, with no copy through
+        # Pillow. Larger ones keep Pillow's path, whose peak memory the caps were measured with.
+        pixels = plain_png(data, im) if not keep_full and _shrink_factor(im.size, shrink_to) == 1 else None
         if pixels is not None:
-            im = Image.fromarray(pixels)
-            size = im.size  # no EXIF: nothing to rotate
-        else:
-            im.seek(0)  # animated images: the first frame
-            rotated = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
-            size = (im.height, im.width) if rotated else im.size
-            factor = _shrink_factor(im.size, shrink_to)
-            if factor > 1 and im.format in ("JPEG", "MPO") and not keep_full:
-                im.draft(im.mode, (im.width // factor, im.height // factor))
-            im.load()
-            im = ImageOps.exif_transpose(im)
+            return Decoded(pixels, im.size)
+        im.seek(0)  # animated images: the first frame
+        rotated = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+        size = (im.height, im.width) if rotated else im.size
+        factor = _shrink_factor(im.size, shrink_to)
+        if factor > 1 and im.format in ("JPEG", "MPO") and not keep_full:
+            im.draft(im.mode, (im.width // factor, im.height // factor))
+        im.load()
+        im = ImageOps.exif_transpose(im)
         full = _to_rgb(im) if keep_full else None
         factor = _shrink_factor(im.size, shrink_to)  # what draft left to do
         if factor > 1:

@@ -37,10 +37,10 @@ def mutated_images(draw) -> bytes:
 
 @pytest.mark.filterwarnings("ignore::UserWarning:PIL.TiffImagePlugin")  # Pillow's notes on the broken TIFFs it reads
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.one_of(mutated_images(), st.binary(max_size=256)), st.booleans())
-def test_the_decoder_answers_an_image_or_an_upload_error(data, keep_full):
-    try:  # without keep_full, plain RGB PNGs go to libspng (plain_png); with it, through Pillow
-        decoded = decode_upload(data, max_pixels=1_000_000, shrink_to=16, keep_full=keep_full)
+@given(st.one_of(mutated_images(), st.binary(max_size=256)), st.booleans(), st.sampled_from([None, 16]))
+def test_the_decoder_answers_an_image_or_an_upload_error(data, keep_full, shrink_to):
+    try:  # plain RGB PNGs the network takes as they are go to libspng (plain_png); the rest through Pillow
+        decoded = decode_upload(data, max_pixels=1_000_000, shrink_to=shrink_to, keep_full=keep_full)
     except UploadError as e:
         assert 400 <= e.status < 500 and e.code and e.detail
         return
