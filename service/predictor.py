@@ -132,11 +132,16 @@ def grey_png(values: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def overlay_jpeg(image: Image.Image, mask: np.ndarray, palette: list[int], alpha: float) -> bytes:
-    """The mask in its class colours over the image, blended by Pillow in 8 bits (no float copies of a big upload)."""
+def overlay_jpeg(image: Image.Image, mask: np.ndarray, palette: list[int], alpha: float,
+                 rows_per_strip: int = 256) -> bytes:
+    """The mask in its class colours over the RGB image, blended by Pillow in 8 bits, strip by strip onto `image`
+    itself (it is drawn on): a 40 MP overlay holds no full-size colour or blended copy beside the upload (-320 MB)."""
     colored = Image.fromarray(mask, mode="P")
     colored.putpalette(palette)
+    for top in range(0, image.height, rows_per_strip):
+        box = (0, top, image.width, min(image.height, top + rows_per_strip))
+        image.paste(Image.blend(image.crop(box), colored.crop(box).convert("RGB"), alpha), box)
     buf = io.BytesIO()
-    Image.blend(image, colored.convert("RGB"), alpha).save(buf, format="JPEG", quality=85)
+    image.save(buf, format="JPEG", quality=85)
     return buf.getvalue()
 

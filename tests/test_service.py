@@ -173,6 +173,18 @@ def test_plain_png_frames_are_decoded_by_libspng_to_pillows_pixels_and_the_rest_
     assert e.value.code == "corrupt_image" and "truncated or corrupt" in e.value.detail
 
 
+def test_the_overlay_drawn_in_strips_is_the_whole_image_blend():
+    from service.predictor import overlay_jpeg
+    base = Image.open(IMAGE).convert("RGB")
+    mask = np.random.default_rng(0).integers(0, 11, (72, 96), dtype=np.uint8)
+    palette = np.random.default_rng(1).integers(0, 256, 33).tolist()
+    colored = Image.fromarray(mask, mode="P")
+    colored.putpalette(palette)
+    buf = io.BytesIO()
+    Image.blend(base, colored.convert("RGB"), 0.4).save(buf, format="JPEG", quality=85)
+    assert overlay_jpeg(base.copy(), mask, palette, 0.4, rows_per_strip=7) == buf.getvalue()
+
+
 def test_sixteen_bit_grey_keeps_its_contrast():
     from service.decode import decode_image
     arr = np.array([[0, 65535], [32896, 257]], dtype=np.uint16)
