@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import argparse
 import io
-import shlex
 import statistics
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +23,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.record import record  # noqa: E402
 from service.decode import decode_upload  # noqa: E402
 
 
@@ -67,11 +66,7 @@ def main() -> None:
     table = "\n".join(rows)
     print(table + "\n" + summary)
     if not args.no_record:
-        cmd = shlex.join(["python", "bench/decode.py", *sys.argv[1:]])
-        with (ROOT / "BENCHMARKS.md").open("a") as f:
-            f.write(f"\n### Decoding uploads — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC\n\n`{cmd}`\n\n{table}\n\n"
-                    f"{summary}\n")
-
+        record("Decoding uploads", "bench/decode.py", f"{table}\n\n{summary}")
 
 if __name__ == "__main__":
     main()

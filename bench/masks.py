@@ -11,11 +11,9 @@ appends it to BENCHMARKS.md unless --no-record.
 from __future__ import annotations
 
 import argparse
-import shlex
 import statistics
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -23,6 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.record import record  # noqa: E402
 from models.checkpoint import load_checkpoint  # noqa: E402
 from models.processing import dense_mask, preprocess, sparse_mask  # noqa: E402
 from service.decode import decode_upload  # noqa: E402
@@ -71,11 +70,7 @@ def main() -> None:
                f"torch {torch.__version__}.")
     print(table + "\n" + summary)
     if not args.no_record:
-        cmd = shlex.join(["python", "bench/masks.py", *sys.argv[1:]])
-        with (ROOT / "BENCHMARKS.md").open("a") as f:
-            f.write(f"\n### Logits to mask — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC\n\n`{cmd}`\n\n{table}\n\n"
-                    f"{summary}\n")
-
+        record("Logits to mask", "bench/masks.py", f"{table}\n\n{summary}")
 
 if __name__ == "__main__":
     main()
