@@ -175,7 +175,7 @@ async def send(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reque
 async def load(url: str, images: list[bytes], concurrency: int, total: int) -> dict:
     """`total` requests from `concurrency` kept-alive connections, each sending its next request as soon as the last
     one's answer is read. The load generator shares the cores with the server, so it is lean: requests are built
-    once and sent over raw asyncio streams (~0.3 ms of CPU per request, against httpx's ~4.5 ms: BENCHMARKS.md);
+    once and sent over raw asyncio streams (~0.6 ms of CPU per request, against httpx's ~4.5 ms: BENCHMARKS.md);
     each answer's status is checked and its body read in full."""
     u = urlsplit(url)
     requests = [post_request(url, data) for data in images]

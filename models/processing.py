@@ -82,8 +82,8 @@ def resized_strips(logits: torch.Tensor, size: tuple[int, int], rows_per_strip: 
 def logits_to_mask(logits: torch.Tensor, size: tuple[int, int], void_index: int | None,
                    rows_per_strip: int = 64, max_direct: int = 1 << 24) -> torch.Tensor:
     """(C, h, w) logits → (H, W) uint8 class indices for `size` = (H, W): bilinear resize, then the argmax over every
-    class but void (void is a label for 'unknown', never a prediction). On a CPU by sparse_mask (the same mask, a
-    third of the time); elsewhere by dense_mask."""
+    class but void (void is a label for 'unknown', never a prediction). On a CPU by sparse_mask (the same mask, in
+    0.44x the time: BENCHMARKS.md); elsewhere by dense_mask."""
     if logits.device.type == "cpu":
         return torch.from_numpy(sparse_mask(logits.float().numpy(), size, void_index))
     return dense_mask(logits, size, void_index, rows_per_strip, max_direct)
