@@ -16,6 +16,7 @@ from fastapi_offline import FastAPIOffline
 
 from models import __version__
 
+from .backends import cpu_cores
 from .batcher import Batcher
 from .deps import State
 from .errors import install_error_handlers
@@ -35,8 +36,8 @@ DESCRIPTION = ("U-Net street-scene segmentation. `POST /segment` with an image; 
 async def lifespan(app: FastAPI):
     state: State = app.state.segment
     settings = state.settings
-    state.codec = ThreadPoolExecutor(settings.codec_threads or max(1, (os.cpu_count() or 2) // 2),
-                                     thread_name_prefix="codec")
+    codec_threads = settings.codec_threads or max(1, (os.cpu_count() or 2) // 2)
+    state.codec = ThreadPoolExecutor(codec_threads, thread_name_prefix="codec")
     state.large = ThreadPoolExecutor(1, thread_name_prefix="codec-large")
     predictor = await asyncio.to_thread(Predictor.load, settings.checkpoint, settings.device, settings.precision,
                                         settings.backend, settings.cache_dir, settings.inference_streams,
@@ -55,7 +56,8 @@ async def lifespan(app: FastAPI):
     # On a CPU the codec threads postprocess (resize logits, argmax, counts) while the next forward runs;
     # on CUDA the inference thread does it on the GPU, where it costs a few kernels.
     state.batcher = Batcher(predictor, batch_size, settings.max_batch_wait_ms, settings.queue_size,
-                            post_executor=None if predictor.device.type == "cuda" else state.codec)
+                            post_executor=None if predictor.device.type == "cuda" else state.codec,
+                            post_helpers=min(codec_threads, cpu_cores() - 1))
     state.batcher.start()
     state.ready = True
     restore_sigterm = drain_on_sigterm(state, settings.shutdown_delay_s)

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from .metrics import BATCH_SIZE, INFERENCE_SECONDS, QUEUE_DEPTH
-from .predictor import Predictor
+from .predictor import Prediction, Predictor
 
 
 class QueueFull(Exception):
@@ -29,15 +30,24 @@ class Job:
     started: float = 0.0  # when its batch began on the device
     executor: Executor | None = None  # where its postprocess runs, if not the batcher's post_executor
     confidence: bool = False  # the answer wants per-pixel confidence
+    # What the answer makes of the prediction (its PNG encoding), run right after a postprocess on a CPU thread, on
+    # that thread (one hop fewer); its output lands in `finished`. None, or on CUDA: the caller runs it itself.
+    finish: Callable[[Prediction], Any] | None = None
+    finished: Any = None
 
 
 class Batcher:
     def __init__(self, predictor: Predictor, max_batch_size: int, max_wait_ms: float, queue_size: int,
-                 post_executor: Executor | None = None):
+                 post_executor: Executor | None = None, post_helpers: int = 0):
         """post_executor: where each image's postprocess (resize logits, argmax, counts) runs. None: on the
         inference thread right after the forward, as on CUDA, where it is a few kernels. On a CPU, give it the
-        codec threads: the next forward then starts at once and the postprocess overlaps it."""
+        codec threads: the next forward then starts at once and the postprocess overlaps it.
+
+        post_helpers: how many of post_executor's threads may help an image's postprocess when nothing else waits
+        for the cores (a lone request at low load): it then runs on the inference thread at once, split in
+        1 + post_helpers bands, the others on post_executor (the same mask, sooner)."""
         self.predictor, self.post_executor = predictor, post_executor
+        self.post_parts = 1 + post_helpers if post_executor is not None else 1
         self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000
         self.queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=queue_size)
         # One thread per stream: at most `streams` forwards overlap, and none blocks the event loop.
@@ -66,10 +76,11 @@ class Batcher:
         return self.queue.qsize() + self.incoming >= self.queue.maxsize
 
     def enqueue(self, tensor: torch.Tensor, size: tuple[int, int], executor: Executor | None = None,
-                confidence: bool = False) -> Job:
+                confidence: bool = False, finish: Callable[[Prediction], Any] | None = None) -> Job:
         """Queue one preprocessed image; its result arrives on `job.future`. Raises QueueFull. `executor`: where its
-        postprocess runs on a CPU (a large upload's own lane), instead of the post_executor."""
-        job = Job(tensor, size, asyncio.get_running_loop().create_future(), executor=executor, confidence=confidence)
+        postprocess runs on a CPU (a large upload's own lane), instead of the post_executor. `finish`: Job.finish."""
+        job = Job(tensor, size, asyncio.get_running_loop().create_future(), executor=executor, confidence=confidence,
+                  finish=finish)
         try:
             self.queue.put_nowait(job)
         except asyncio.QueueFull:
@@ -111,7 +122,7 @@ class Batcher:
                     results = await loop.run_in_executor(self.executor, self.predictor.predict, batch,
                                                          [j.size for j in jobs], [j.confidence for j in jobs])
                 else:
-                    logits = await loop.run_in_executor(self.executor, self.predictor.forward, batch, self.running)
+                    logits, done = await loop.run_in_executor(self.executor, self._forward, batch, jobs)
             except Exception as e:  # a failed forward must fail its requests, not kill the worker
                 self._fail(jobs, e)
                 continue
@@ -123,17 +134,41 @@ class Batcher:
                 for j, r in zip(jobs, results, strict=True):
                     if not j.future.done():
                         j.future.set_result(r)
+            elif done is not None:  # postprocessed at once on the idle cores
+                if not jobs[0].future.done():
+                    jobs[0].future.set_result(done)
             else:
                 for j, x in zip(jobs, logits, strict=True):
                     self._pending.add(t := asyncio.create_task(self._postprocess(j, x)))
                     t.add_done_callback(self._pending.discard)
+
+    def _forward(self, batch: torch.Tensor, jobs: list[Job]) -> tuple[torch.Tensor, Prediction | None]:
+        """On an inference thread (CPU): the forward, then, if nothing else waits for the cores, the lone image's
+        postprocess right here in post_parts bands: one hop and a single-threaded postprocess fewer on its way.
+        Under load (a queue, an upload on its way, another forward) the logits go back for the codec threads."""
+        logits = self.predictor.forward(batch, self.running)
+        if (len(jobs) == 1 and self.post_parts > 1 and jobs[0].executor is None and self.running <= 1
+                and self.queue.empty() and self.incoming == 0):  # (read off the loop: a hint, never a guarantee)
+            job = jobs[0]
+            return logits, self._finished(job, self.predictor.postprocess(logits[0], job.size, job.confidence,
+                                                                          self.post_executor, self.post_parts))
+        return logits, None
+
+    @staticmethod
+    def _finished(job: Job, result: Prediction) -> Prediction:
+        if job.finish is not None:
+            job.finished = job.finish(result)
+        return result
+
+    def _postprocess_and_finish(self, job: Job, logits: torch.Tensor) -> Prediction:
+        return self._finished(job, self.predictor.postprocess(logits, job.size, job.confidence))
 
     async def _postprocess(self, job: Job, logits: torch.Tensor) -> None:
         if job.future.done():
             return
         try:
             result = await asyncio.get_running_loop().run_in_executor(
-                job.executor or self.post_executor, self.predictor.postprocess, logits, job.size, job.confidence)
+                job.executor or self.post_executor, self._postprocess_and_finish, job, logits)
         except Exception as e:
             self._fail([job], e)
             return

@@ -54,7 +54,11 @@ async def decode_and_queue(data: bytes, started: float, settings: Settings, pred
     upload, tensor = await asyncio.get_running_loop().run_in_executor(
         lane, decode_and_preprocess, data, settings, predictor, options.overlay)
     width, height = upload.size
-    job = batcher.enqueue(tensor, (height, width), None if lane is codec else lane, options.confidence)
+
+    def finish(result: Prediction) -> Encoded:  # on the thread that postprocessed it, right after (CPU)
+        return encoded(upload.full, result, predictor.meta.classes, options.overlay, settings.overlay_alpha)
+
+    job = batcher.enqueue(tensor, (height, width), None if lane is codec else lane, options.confidence, finish)
     return Queued(upload, job, lane, started)
 
 
@@ -63,13 +67,14 @@ async def wait_and_encode(queued: Queued, predictor: Predictor, settings: Settin
     job = queued.job
     result = await job.future
     t2 = time.perf_counter()
-    png, over, conf = await asyncio.get_running_loop().run_in_executor(
-        queued.lane, encode, queued.upload.full, result, predictor.meta.classes, options.overlay,
-        settings.overlay_alpha)
-    t3 = time.perf_counter()
+    if job.finished is None:  # postprocessed on the device (CUDA): encoded here, on the upload's lane
+        job.finished = await asyncio.get_running_loop().run_in_executor(queued.lane, job.finish, result)
+    else:  # encoded by the batcher right after the postprocess, before the result came
+        t2 -= job.finished.seconds
+    out: Encoded = job.finished
     timings = Timings(decode=ms(t1 - queued.started), queue=ms(job.started - job.enqueued),
-                      inference=ms(t2 - job.started), encode=ms(t3 - t2))
-    return Segmented(*queued.upload.size, result, png, over, conf, timings)
+                      inference=ms(t2 - job.started), encode=ms(out.seconds))
+    return Segmented(*queued.upload.size, result, out.png, out.overlay, out.confidence, timings)
 
 
 def decode_and_preprocess(data: bytes, settings: Settings, predictor: Predictor,
@@ -80,9 +85,18 @@ def decode_and_preprocess(data: bytes, settings: Settings, predictor: Predictor,
     return upload, predictor.preprocess(upload.image)
 
 
-def encode(image: Image.Image | None, result: Prediction, classes: ClassSet, overlay: bool,
-           alpha: float) -> tuple[bytes, bytes | None, bytes | None]:
+@dataclass
+class Encoded:
+    png: bytes
+    overlay: bytes | None
+    confidence: bytes | None
+    seconds: float  # how long the encoding took
+
+
+def encoded(image: Image.Image | None, result: Prediction, classes: ClassSet, overlay: bool, alpha: float) -> Encoded:
     """The palette PNG mask; the overlay JPEG and the confidence PNG when asked for."""
+    t0 = time.perf_counter()
     png = mask_png(result.mask, classes.palette())
     over = overlay_jpeg(image, result.mask, classes.palette(), alpha) if overlay else None
-    return png, over, grey_png(result.confidence) if result.confidence is not None else None
+    conf = grey_png(result.confidence) if result.confidence is not None else None
+    return Encoded(png, over, conf, time.perf_counter() - t0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import time
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,12 +86,14 @@ class Predictor:
         return self.backend(batch, concurrent)
 
     @torch.inference_mode()
-    def postprocess(self, logits: torch.Tensor, size: tuple[int, int], confidence: bool = False) -> Prediction:
+    def postprocess(self, logits: torch.Tensor, size: tuple[int, int], confidence: bool = False,
+                    helpers: Executor | None = None, parts: int = 1) -> Prediction:
         """(C, h, w) logits → the mask at the upload's (H, W) and per-class counts (and with `confidence`, each
-        pixel's confidence and each class's mean), all computed where the logits are (bincount on the device)."""
+        pixel's confidence and each class's mean), all computed where the logits are (bincount on the device).
+        helpers, parts: on a CPU, the mask is computed in `parts` bands, parts - 1 of them on `helpers` (idle cores)."""
         void = self.meta.classes.void_index
         if not confidence:
-            mask = logits_to_mask(logits, size, void)
+            mask = logits_to_mask(logits, size, void, helpers=helpers, parts=parts)
             # torch's bincount reads the uint8 mask as it is (NumPy's would copy a 40 MP mask to int64: 320 MB)
             counts = torch.bincount(mask.flatten(), minlength=self.num_classes)
             return Prediction(mask.cpu().numpy(), counts.cpu().tolist())

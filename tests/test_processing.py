@@ -1,6 +1,7 @@
-"""models/processing.py: the sparse mask (CPU) is the dense one, pixel for pixel; the argmax keeps torch's tie rule;
-preprocess gives the same numbers whatever the input's memory layout."""
+"""models/processing.py: the sparse mask (CPU) is the dense one, pixel for pixel, whole or split over threads;
+the argmax keeps torch's tie rule; preprocess gives the same numbers whatever the input's memory layout."""
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,10 @@ def test_sparse_mask_is_the_dense_mask_on_random_logits(void):
             assert torch.equal(logits_to_mask(logits, size, void), expected), size  # the CPU path: sparse
             strips = sparse_mask(logits.numpy(), size, void, strip_pixels=50)  # many strips, some of one row
             assert np.array_equal(strips, expected.numpy()), size
+            with ThreadPoolExecutor(2) as helpers:  # split in bands over threads (a lone request's idle cores)
+                for parts in (2, 3, 7):
+                    split = sparse_mask(logits.numpy(), size, void, strip_pixels=50, helpers=helpers, parts=parts)
+                    assert np.array_equal(split, expected.numpy()), (size, parts)
             dense_strips = dense_mask(logits.clone(), size, void, rows_per_strip=7, max_direct=0)  # as on CUDA
             assert (dense_strips == expected).float().mean() > 0.999
 
@@ -49,6 +54,9 @@ def test_sparse_mask_is_the_dense_mask_on_the_shipped_model_and_resizes_only_edg
             dense = dense_mask(logits.clone(), size, meta.classes.void_index)
             sparse = sparse_mask(logits.numpy(), size, meta.classes.void_index)
             assert np.array_equal(sparse, dense.numpy()), (f.name, size)
+            with ThreadPoolExecutor(1) as helper:
+                split = sparse_mask(logits.numpy(), size, meta.classes.void_index, helpers=helper, parts=2)
+            assert np.array_equal(split, sparse), (f.name, size)
             assert sparse.max() < meta.classes.void_index  # void is never predicted
         low = logits[:meta.classes.void_index].argmax(0)
         edges.append((low[1:] != low[:-1]).float().mean().item())

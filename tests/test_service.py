@@ -295,6 +295,42 @@ def test_batched_results_match_one_image_at_a_time(checkpoint, post_threads):
         assert (got.mask == want.mask).mean() > 0.999  # batch 3 vs 1 may round differently at exact ties
 
 
+def test_a_lone_request_is_postprocessed_at_once_on_the_idle_cores_and_a_batch_on_the_codec_threads(checkpoint):
+    """At low load the inference thread postprocesses and encodes its lone image itself, helped by a codec thread
+    (one hop and a one-thread postprocess fewer); under load the logits go to the codec threads so that the next
+    forward starts at once. Either way: the mask and counts of predict() alone, and the answer's encoding done."""
+    predictor = Predictor.load(checkpoint, "cpu")
+    images = [Image.open(IMAGE).convert("RGB").resize(size) for size in [(96, 72), (50, 40), (130, 90)]]
+    tensors = [predictor.preprocess(im) for im in images]
+    alone = [predictor.predict(t[None], [(im.height, im.width)])[0] for t, im in zip(tensors, images, strict=True)]
+
+    def finish(result):  # stands for the pipeline's encoding: where it ran, and what it was given
+        return threading.current_thread().name, result.mask.copy()
+
+    async def run():
+        codec = ThreadPoolExecutor(1, thread_name_prefix="codec")
+        batcher = Batcher(predictor, max_batch_size=8, max_wait_ms=500, queue_size=8, post_executor=codec,
+                          post_helpers=1)
+        batcher.start()
+        lone = batcher.enqueue(tensors[0], (images[0].height, images[0].width), finish=finish)
+        await lone.future
+        with batcher.arriving():  # three queued at once: one batch, under load
+            jobs = [batcher.enqueue(t, (im.height, im.width), finish=finish) for t, im in zip(tensors, images,
+                                                                                             strict=True)]
+        await asyncio.gather(*(j.future for j in jobs))
+        await batcher.drain()
+        codec.shutdown()
+        return lone, jobs
+
+    lone, jobs = asyncio.run(run())
+    assert lone.finished[0].startswith("inference")
+    assert np.array_equal(lone.future.result().mask, alone[0].mask)
+    assert np.array_equal(lone.finished[1], alone[0].mask) and lone.future.result().counts == alone[0].counts
+    for job, want in zip(jobs, alone, strict=True):
+        assert job.finished[0].startswith("codec")
+        assert (job.future.result().mask == want.mask).mean() > 0.999  # batch 3 vs 1 may round at exact ties
+
+
 def test_startup_objects_are_frozen_out_of_the_garbage_collector(client):
     # the first full collection while serving otherwise walks ~400k start-up objects (a 200 ms stall on a CPU)
     assert gc.get_freeze_count() > 10_000
