@@ -122,13 +122,13 @@ class Batcher:
                     results = await loop.run_in_executor(self.executor, self.predictor.predict, batch,
                                                          [j.size for j in jobs], [j.confidence for j in jobs])
                 else:
-                    logits, done = await loop.run_in_executor(self.executor, self._forward, batch, jobs)
+                    logits, done, seconds = await loop.run_in_executor(self.executor, self._forward, batch, jobs)
             except Exception as e:  # a failed forward must fail its requests, not kill the worker
                 self._fail(jobs, e)
                 continue
             finally:
                 self.running -= 1
-            INFERENCE_SECONDS.observe(time.perf_counter() - t0)
+            INFERENCE_SECONDS.observe(time.perf_counter() - t0 if self.post_executor is None else seconds)
             BATCH_SIZE.observe(len(jobs))
             if self.post_executor is None:
                 for j, r in zip(jobs, results, strict=True):
@@ -142,17 +142,20 @@ class Batcher:
                     self._pending.add(t := asyncio.create_task(self._postprocess(j, x)))
                     t.add_done_callback(self._pending.discard)
 
-    def _forward(self, batch: torch.Tensor, jobs: list[Job]) -> tuple[torch.Tensor, Prediction | None]:
+    def _forward(self, batch: torch.Tensor, jobs: list[Job]) -> tuple[torch.Tensor, Prediction | None, float]:
         """On an inference thread (CPU): the forward, then, if nothing else waits for the cores, the lone image's
         postprocess right here in post_parts bands: one hop and a single-threaded postprocess fewer on its way.
-        Under load (a queue, an upload on its way, another forward) the logits go back for the codec threads."""
+        Under load (a queue, an upload on its way, another forward) the logits go back for the codec threads.
+        Returns the logits, the finished prediction or None, and the forward's own seconds."""
+        t0 = time.perf_counter()
         logits = self.predictor.forward(batch, self.running)
+        seconds = time.perf_counter() - t0
         if (len(jobs) == 1 and self.post_parts > 1 and jobs[0].executor is None and self.running <= 1
                 and self.queue.empty() and self.incoming == 0):  # (read off the loop: a hint, never a guarantee)
             job = jobs[0]
             return logits, self._finished(job, self.predictor.postprocess(logits[0], job.size, job.confidence,
-                                                                          self.post_executor, self.post_parts))
-        return logits, None
+                                                                          self.post_executor, self.post_parts)), seconds
+        return logits, None, seconds
 
     @staticmethod
     def _finished(job: Job, result: Prediction) -> Prediction:

@@ -45,7 +45,7 @@ QUEUE_DEPTH = Gauge("segment_queue_depth", "requests waiting for the model", reg
 INFERENCE_SECONDS = Histogram(
     "segment_inference_seconds",
     "seconds the inference worker spends per batch: the forward pass, plus the postprocess on CUDA (on a CPU "
-    "the codec threads postprocess)",
+    "the forward alone)",
     registry=REGISTRY, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
 
 
