@@ -92,7 +92,7 @@ def test_auto_on_a_cpu_times_every_backend_and_keeps_the_fastest(checkpoint, tmp
     measured, streams = timing.split(": ", 1)[1].split(" (each with its streams at once: ")
     speeds = {k: float(v) for k, v in (x.split() for x in measured.split(", "))}
     assert set(speeds) == {"torch", "onnxruntime", "openvino"}
-    assert p.backend.name == min(speeds, key=speeds.get)
+    assert speeds[p.backend.name] == min(speeds.values())  # (two printed at 0.1 ms can tie: either is right)
     cores = backends.cpu_cores()
     assert streams.rstrip(")") == f"torch 1, onnxruntime {min(cores, 4)}, openvino {min(cores, 4)}"
 
