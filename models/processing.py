@@ -171,15 +171,19 @@ def _bands(n: int, parts: int) -> list[slice]:
 
 
 def _split(work: Callable[[slice], None], bands: list[slice], helpers: Executor | None) -> None:
-    """work(band) for every band: the first on this thread, the others on `helpers` when given (at once)."""
+    """work(band) for every band: the first on this thread, the others on `helpers` when given (at once). A band
+    that no helper has started by then (they are busy with other work) is done here instead of waited for."""
     if helpers is None or len(bands) == 1:
         for band in bands:
             work(band)
         return
     futures = [helpers.submit(work, band) for band in bands[1:]]
     work(bands[0])
-    for f in futures:
-        f.result()
+    for band, f in zip(bands[1:], futures, strict=True):
+        if f.cancel():
+            work(band)
+        else:
+            f.result()
 
 
 def _bilinear_sources(out_size: int, in_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

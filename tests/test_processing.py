@@ -1,6 +1,7 @@
 """models/processing.py: the sparse mask (CPU) is the dense one, pixel for pixel, whole or split over threads;
 the argmax keeps torch's tie rule; preprocess gives the same numbers whatever the input's memory layout."""
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -61,6 +62,20 @@ def test_sparse_mask_is_the_dense_mask_on_the_shipped_model_and_resizes_only_edg
         low = logits[:meta.classes.void_index].argmax(0)
         edges.append((low[1:] != low[:-1]).float().mean().item())
     assert max(edges) < 0.1  # the premise of the sparse path: class edges are a small share of a real frame
+
+
+def test_a_split_mask_does_not_wait_for_a_busy_helper():
+    """The helpers are the codec threads: one busy decoding another upload must not hold the mask up. Its band is
+    done by the caller instead, and the mask is the same."""
+    logits = torch.randn(5, 9, 13, generator=torch.Generator().manual_seed(1))
+    expected = sparse_mask(logits.numpy(), (100, 37), 2)
+    release = threading.Event()
+    with ThreadPoolExecutor(1) as helper:
+        busy = helper.submit(release.wait, 60)
+        split = sparse_mask(logits.numpy(), (100, 37), 2, helpers=helper, parts=2)
+        assert not busy.done()  # the mask came while its helper was still taken
+        release.set()
+    assert np.array_equal(split, expected)
 
 
 def test_argmax_first_takes_the_first_of_equal_values_as_torch_does():
