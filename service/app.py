@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
@@ -20,7 +19,7 @@ from .backends import cpu_cores
 from .batcher import Batcher
 from .deps import State
 from .errors import install_error_handlers
-from .metrics import ObserveRequests, use_json_access_log
+from .metrics import ObserveRequests, use_json_access_log, use_service_log
 from .predictor import Predictor
 from .routes import document_upload, router
 from .settings import Settings
@@ -36,7 +35,7 @@ DESCRIPTION = ("U-Net street-scene segmentation. `POST /segment` with an image; 
 async def lifespan(app: FastAPI):
     state: State = app.state.segment
     settings = state.settings
-    codec_threads = settings.codec_threads or max(1, (os.cpu_count() or 2) // 2)
+    codec_threads = settings.codec_threads or max(1, cpu_cores() // 2)
     state.codec = ThreadPoolExecutor(codec_threads, thread_name_prefix="codec")
     state.large = ThreadPoolExecutor(1, thread_name_prefix="codec-large")
     predictor = await asyncio.to_thread(Predictor.load, settings.checkpoint, settings.device, settings.precision,
@@ -77,6 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # docs page works on hosts without internet access.
     app = FastAPIOffline(title="CamVid segmentation", version=__version__, lifespan=lifespan, description=DESCRIPTION)
     app.state.segment = State(settings)
+    use_service_log(settings.log_level, settings.log_format)
     if settings.log_format == "json":
         use_json_access_log()
     install_error_handlers(app)

@@ -26,6 +26,21 @@ class JsonLines(logging.Formatter):
                            "message": record.getMessage(), **getattr(record, "fields", {})})
 
 
+def use_service_log(level: str, fmt: str) -> None:
+    """Give the service's own lines (which backend serves and why, start-up, SIGTERM, a client that hung up) a
+    handler on stderr beside uvicorn's: in its style ("INFO:     ...") or, with SEGMENT_LOG_FORMAT=json, as JSON
+    lines. Without one, INFO lines were dropped and warnings came out bare through logging's last resort. A host
+    process that configured logging itself (a handler on the root logger) keeps its own: nothing is added then."""
+    log.setLevel(level.upper())
+    if log.handlers or logging.getLogger().handlers:
+        return
+    from uvicorn.logging import DefaultFormatter
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLines() if fmt == "json" else DefaultFormatter("%(levelprefix)s %(message)s"))
+    log.addHandler(handler)
+
+
 def use_json_access_log() -> None:
     if not access_log.handlers:
         handler = logging.StreamHandler(sys.stdout)

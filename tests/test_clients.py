@@ -205,7 +205,8 @@ def test_a_batch_of_frames_answers_each_in_order_and_a_bad_frame_fails_alone(che
 def test_json_access_logs_have_one_line_per_request_with_its_id(checkpoint):  # noqa: F811
     proc, base, _ = start_service({
         "SEGMENT_CHECKPOINT": str(checkpoint), "SEGMENT_DEVICE": "cpu", "SEGMENT_BACKEND": "torch",
-        "SEGMENT_WARMUP_PASSES": "1", "SEGMENT_LOG_FORMAT": "json"}, stdout=subprocess.PIPE, text=True)
+        "SEGMENT_WARMUP_PASSES": "1", "SEGMENT_LOG_FORMAT": "json"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
     try:
         r = httpx.post(f"{base}/segment", files={"image": ("x.png", IMAGE.read_bytes())},
                        headers={"X-Request-ID": "log-me-1"})
@@ -222,6 +223,10 @@ def test_json_access_logs_have_one_line_per_request_with_its_id(checkpoint):  # 
                                                                                    "encode"}
     assert any(x["route"] == "unmatched" and x["status"] == 404 for x in lines)
     assert all(x["message"] == "request" for x in lines)
+    # the service's own lines (start-up, which backend) are JSON too, on stderr beside uvicorn's
+    own = [json.loads(line) for line in proc.stderr.read().splitlines() if line.startswith("{")]
+    assert any(x["level"] == "info" and x["message"].startswith("serving ") and " with torch " in x["message"]
+               for x in own)
 
 
 def test_the_client_cli_segments_a_folder_and_lists_the_file_it_could_not(checkpoint, tmp_path):  # noqa: F811

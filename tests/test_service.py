@@ -393,7 +393,7 @@ def test_sigterm_finishes_every_accepted_request_then_exits(checkpoint):
 
     proc, base, env = start_service({
         "SEGMENT_CHECKPOINT": str(checkpoint), "SEGMENT_DEVICE": "cpu", "SEGMENT_MAX_BATCH_WAIT_MS": "1500",
-        "SEGMENT_WARMUP_PASSES": "1", "SEGMENT_LOG_LEVEL": "warning"}, stderr=subprocess.PIPE, text=True)
+        "SEGMENT_WARMUP_PASSES": "1", "SEGMENT_BACKEND": "torch"}, stderr=subprocess.PIPE, text=True)
     try:
         # the container's health probe (Docker HEALTHCHECK) sees the live server
         probe = subprocess.run([sys.executable, "-m", "service.healthcheck"], env=env, timeout=30)
@@ -428,7 +428,14 @@ def test_sigterm_finishes_every_accepted_request_then_exits(checkpoint):
         assert results == [(200, 96 * 72)] * 3
         # uvicorn re-raises the signal once shut down cleanly, so the exit status says "terminated by SIGTERM"
         assert proc.wait(30) in (0, -signal.SIGTERM)
-        assert "Traceback" not in proc.stderr.read()
+        stderr = proc.stderr.read()
+        assert "Traceback" not in stderr
+        # the service's own INFO lines reach the operator, in uvicorn's style, between uvicorn's
+        lines = stderr.splitlines()
+        serving = next(i for i, line in enumerate(lines) if line.startswith("INFO:     serving "))
+        assert "on cpu with torch (float32" in lines[serving]
+        assert lines.index("INFO:     Application startup complete.") == serving + 1
+        assert any(line.startswith("INFO:     SIGTERM: /ready answers 503 now") for line in lines[serving:])
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{base}/health", timeout=1)
     finally:
