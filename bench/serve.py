@@ -236,6 +236,7 @@ class Server(NamedTuple):
     ready_url: str
     url: str
     cwd: Path = ROOT
+    model_url: str = ""  # this project's GET /model: which backend the server chose at start-up
 
 
 def run_server(server: Server, images, levels, total) -> dict:
@@ -250,7 +251,8 @@ def run_server(server: Server, images, levels, total) -> dict:
             log.seek(0)
             print(log.read().decode(errors="replace")[-3000:], file=sys.stderr)
             raise
-        return {c: asyncio.run(load(server.url, images, c, total)) for c in levels}
+        backend = httpx.get(server.model_url, timeout=10).json()["backend"] if server.model_url else ""
+        return {c: {**asyncio.run(load(server.url, images, c, total)), "backend": backend} for c in levels}
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -297,7 +299,7 @@ def main() -> None:
             "SEGMENT_CHECKPOINT": str(ckpt), "SEGMENT_PORT": str(port), "SEGMENT_LOG_LEVEL": "warning",
             "SEGMENT_MAX_BATCH_SIZE": str(args.batch), "SEGMENT_MAX_BATCH_WAIT_MS": str(args.wait_ms),
             "SEGMENT_BACKEND": args.backend, **(extra or {})},
-            f"{base}/ready", f"{base}/segment", cwd)
+            f"{base}/ready", f"{base}/segment", cwd, f"{base}/model")
 
     servers = {"ours": service(args.port, extra=dict(args.ours_env))}
     if args.baseline:  # another checkout of this project: `python -m service` run from there
@@ -362,6 +364,10 @@ def main() -> None:
                "vs raw forward by round: " + "; ".join(
                    f"c{c} {listed(ratios('ours', c, lambda r: bracket[r]))}" for c in levels if c > 1) +
                f". p50 at concurrency {min(levels)}: {p50_c1 / decode_forward:.2f}× decode + single forward.")
+    for name in servers:  # `auto` times the backends at each start, so a round may serve with another one
+        if runs[name][levels[0]][0]["backend"]:
+            summary += f" {name.capitalize()} served with, by round: " + ", ".join(
+                r["backend"] for r in runs[name][levels[0]]) + "."
     for o in others:
         summary += f" Ours vs {o} by round: " + "; ".join(f"c{c} {listed(vs(o, c))}" for c in levels) + "."
     if args.baseline:

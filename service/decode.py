@@ -45,8 +45,10 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     elif im.mode == "F":
         arr = np.asarray(im)
         im = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L")
-    if im.mode == "P":
-        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("P", "RGB", "L") and "transparency" in im.info:  # a palette entry or a colour (tRNS) is clear
+        im = im.convert("RGBA")
+    elif im.mode == "P":
+        im = im.convert("RGB")
     if im.mode in ("RGBA", "LA", "PA"):  # over white, built in RGB: no RGBA copies of a big upload
         rgba = im.convert("RGBA")
         white = Image.new("RGB", im.size, (255, 255, 255))

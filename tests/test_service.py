@@ -159,11 +159,20 @@ def test_plain_png_frames_are_decoded_by_libspng_to_pillows_pixels_and_the_rest_
     rotated = encoded(base, "PNG", exif=exif)
     upload = decode_upload(rotated, 10**6)
     assert not fast(rotated) and upload.size == (72, 96) and upload.image.shape == (96, 72, 3)
-    keyed = encoded(base, "PNG", transparency=tuple(np.array(base)[0, 0].tolist()))  # tRNS: a colour is clear
-    for other in (keyed, base.convert("RGBA"), base.convert("P"), base.convert("L")):
-        other = Image.open(io.BytesIO(other)) if isinstance(other, bytes) else other
+    for other in (base.convert("RGBA"), base.convert("P"), base.convert("L")):
         data = encoded(other, "PNG")
         assert not fast(data) and np.array_equal(decode_upload(data, 10**6).image, np.array(other.convert("RGB")))
+    # tRNS: one colour (RGB) or grey level (L) is clear; those pixels come out white, as clear RGBA pixels do
+    pixels = np.array(base)
+    key = pixels[0, 0]
+    clear = (pixels == key).all(-1)
+    white = np.where(clear[..., None], np.uint8(255), pixels)
+    keyed = encoded(base, "PNG", transparency=tuple(key.tolist()))
+    assert not fast(keyed) and clear.sum() >= 1 and np.array_equal(decode_upload(keyed, 10**6).image, white)
+    grey = np.array(base.convert("L"))
+    keyed = encoded(base.convert("L"), "PNG", transparency=int(grey[0, 0]))
+    expected = np.repeat(np.where(grey == grey[0, 0], np.uint8(255), grey)[..., None], 3, -1)
+    assert np.array_equal(decode_upload(keyed, 10**6).image, expected)
     data = encoded(base, "PNG")
     monkeypatch.setattr(decode, "imagecodecs", None)  # a host without it: Pillow decodes, to the same pixels
     assert not fast(data) and np.array_equal(decode_upload(data, 10**6).image, np.array(base))
