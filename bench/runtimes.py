@@ -54,7 +54,7 @@ class Contiguous(TorchBackend):
         self.model = self.model.to(memory_format=torch.contiguous_format)
 
     @torch.inference_mode()
-    def __call__(self, batch):
+    def __call__(self, batch, concurrent: int = 1):
         return self.model(batch.contiguous())
 
 
@@ -67,7 +67,7 @@ class OpenVinoDefaultPrecision(OpenVinoBackend):
         compiled = ov.Core().compile_model(str(path), "CPU", {"PERFORMANCE_HINT": "LATENCY"})
         self.precision = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
         self.name = f"openvino {self.precision} (not served)"
-        self.request = compiled.create_infer_request()
+        self.request, self.streams = compiled.create_infer_request(), 1
 
 
 def ms_per_image(backend, x: torch.Tensor, seconds: float) -> float:

@@ -121,12 +121,13 @@ class OpenVinoBackend:
 
     def __call__(self, batch: torch.Tensor, concurrent: int = 1) -> torch.Tensor:
         """concurrent: how many forwards run now, this one included; one caller at a time when it is 1."""
+        # share_inputs: the request reads the caller's array in place (a synchronous call: it outlives the forward)
         x = {0: batch.contiguous().numpy()}
         if concurrent <= 1 or self.streams == 1:
-            return torch.from_numpy(self.request.infer(x)[0])
+            return torch.from_numpy(self.request.infer(x, share_inputs=True)[0])
         request = self.shared.get()
-        try:
-            return torch.from_numpy(request.infer(x)[0])  # infer() copies outputs out (share_outputs=False)
+        try:  # infer() copies outputs out (share_outputs=False): the request is free for the next caller at once
+            return torch.from_numpy(request.infer(x, share_inputs=True)[0])
         finally:
             self.shared.put(request)
 
