@@ -8,7 +8,8 @@ SEGMENT_CACHE_DIR in a file named after the checkpoint's sha256 and the versions
 used only when its own metadata names that checkpoint and those versions, and a cache folder that cannot be
 written is replaced by a temporary one. An ONNX backend serves only after its masks agree with torch's on a
 warm-up image (argmax on ≥ 99.9% of pixels). `auto` on a CPU times every backend that passed on that image and
-keeps the fastest (their order differs between CPUs: BENCHMARKS.md); on CUDA it is torch. Anything that fails
+keeps the fastest, alone and under load taken together (their order differs between CPUs: BENCHMARKS.md); on
+CUDA it is torch. Anything that fails
 (a runtime not installed, an export error, a parity miss) is logged in one line and the service runs on torch.
 
 Streams (ONNX backends on a CPU): a backend may run `streams` forwards at once. A forward that runs alone gets every
@@ -189,22 +190,31 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float().argmax(1).cpu() == b.float().argmax(1).cpu()).float().mean().item()
 
 
-def ms_per_image(backend: Backend, x: torch.Tensor, calls: int = 5) -> float:
-    """Wall time per image as the service runs the backend under load: `streams` callers side by side (one for
-    torch), `calls` forwards each after a warm-up; the median of their rounds."""
-    n = backend.streams
+def start_up_timing(backends: list[Backend], x: torch.Tensor, rounds: int = 5) -> dict[str, tuple[float, float]]:
+    """Per backend, ms per image alone (one forward on every core: a lone request's latency) and under load (its
+    `streams` callers side by side: throughput), each the median of `rounds` rounds. Every round takes the backends
+    in turn, so a machine's drift during the timing falls on all of them alike (timed one backend after the other,
+    two within 10% swapped places from one start to the next)."""
+    times: dict[str, tuple[list[float], list[float]]] = {b.name: ([], []) for b in backends}
+    with ThreadPoolExecutor(max(b.streams for b in backends)) as pool:
 
-    def run() -> None:
-        backend(x, n)
-
-    with ThreadPoolExecutor(n) as pool:
-        list(pool.map(lambda _: run(), range(n)))  # warm-up: every stream once
-        times = []
-        for _ in range(calls):
+        def once(b: Backend, n: int) -> float:
             t0 = time.perf_counter()
-            list(pool.map(lambda _: run(), range(n)))
-            times.append((time.perf_counter() - t0) / n)
-    return statistics.median(times) * 1000
+            if n == 1:
+                b(x, 1)
+            else:
+                list(pool.map(lambda _: b(x, n), range(n)))
+            return (time.perf_counter() - t0) * 1000 / n
+
+        for r in range(rounds + 1):  # round 0 warms every path up and is not counted
+            for b in backends[r % len(backends):] + backends[:r % len(backends)]:  # each follows each in turn
+                time.sleep(0.01)  # the last one's threads stop spinning for work before this one is timed
+                alone = once(b, 1)
+                loaded = once(b, b.streams) if b.streams > 1 else alone
+                if r:
+                    times[b.name][0].append(alone)
+                    times[b.name][1].append(loaded)
+    return {n: (statistics.median(a), statistics.median(lo)) for n, (a, lo) in times.items()}
 
 
 def select_backend(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, choice: str,
@@ -239,9 +249,13 @@ def select_backend(checkpoint: Checkpoint, device: torch.device, dtype: torch.dt
             log.warning(notes[-1])
     if choice != "auto":
         return Selection(passed[-1], notes)
-    speeds = {b.name: ms_per_image(b, x) for b in passed}
-    notes.append("start-up timing, ms per image: " + ", ".join(f"{n} {v:.1f}" for n, v in speeds.items()) +
-                 f" (each with its streams at once: {', '.join(f'{b.name} {b.streams}' for b in passed)})")
-    best = min(passed, key=lambda b: speeds[b.name])
+    # Kept: the lowest geometric mean of the two, so a backend that is as fast under load but slower alone (ONNX
+    # Runtime beside OpenVINO on the Zen 5 EPYC of BENCHMARKS.md: 1.06x under load, 1.2x alone) is not picked on
+    # a draw of the timing.
+    speeds = start_up_timing(passed, x)
+    best = min(passed, key=lambda b: speeds[b.name][0] * speeds[b.name][1])
+    notes.append("start-up timing, ms per image alone / under load: " + ", ".join(
+        f"{n} {a:.1f} / {lo:.1f}" for n, (a, lo) in speeds.items()) + " (under load: "
+        + ", ".join(f"{b.name} {b.streams}" for b in passed) + " at once); kept the lowest geometric mean")
     log.info("backend %s (%s)", best.name, notes[-1])
     return Selection(best, notes)
