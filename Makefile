@@ -48,8 +48,9 @@ bench-runtimes: setup
 	$(PY) bench/runtimes.py --data $(DATA)
 
 # GPU hosts come with their own Python and torch (often another torch build) and often no package registry.
-# `make gpu-wheels` (where PyPI is reachable) fetches the pure-Python packages the service and the tests need
-# beyond what such a host has, at this project's pinned versions, for GPU_PY (the host's Python version);
+# `make gpu-wheels` (where PyPI is reachable) fetches the packages the service and the tests need beyond what such a
+# host has (pure Python, plus imagecodecs and httptools, so uploads are decoded and HTTP parsed as on any host;
+# 30 MB in all), at this project's pinned versions, for GPU_PY (the host's Python version);
 # `make gpu-check` (on the GPU host, with those wheels copied along) installs them into a side folder, never
 # touching torch, and runs bench/gpu_check.py: the CUDA tests, the serving benchmark and a short training run.
 GPU_PYTHON ?= python3
@@ -57,7 +58,7 @@ GPU_PY ?= 3.12
 GPU_WHEELS ?= .gpu-wheels
 GPU_SITE ?= /tmp/camvid-gpu-site
 GPU_PACKAGES := fastapi starlette uvicorn pydantic pydantic-core pydantic-settings python-dotenv typing-inspection \
-	annotated-types python-multipart fastapi-offline
+	annotated-types python-multipart fastapi-offline imagecodecs httptools
 space := $(subst ,, )
 GPU_PATTERN := $(subst -,[-_],$(subst $(space),|,$(strip $(GPU_PACKAGES))))
 GPU_PLATFORMS := $(foreach n,28 27 17,--platform manylinux_2_$(n)_x86_64) --platform manylinux2014_x86_64
