@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test lint setup tools serve bench-train bench-serve bench-runtimes gpu-wheels gpu-check clean
+.PHONY: test lint setup tools serve bench-train bench-serve bench-runtimes bench-ceiling gpu-wheels gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ bench-serve: setup
 
 bench-runtimes: setup
 	$(PY) bench/runtimes.py --data $(DATA)
+
+# The serving path without HTTP against the bare forward, in one process: the ceiling of bench-serve's ratio.
+bench-ceiling: setup
+	$(PY) bench/ceiling.py --data $(DATA)
 
 # GPU hosts come with their own Python and torch (often another torch build) and often no package registry.
 # `make gpu-wheels` (where PyPI is reachable) fetches the packages the service and the tests need beyond what such a

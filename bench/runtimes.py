@@ -14,7 +14,6 @@ Prints a table and appends it to BENCHMARKS.md unless --no-record.
 from __future__ import annotations
 
 import argparse
-import platform
 import shlex
 import statistics
 import sys
@@ -29,6 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.record import cpu_name  # noqa: E402
 from models.checkpoint import load_checkpoint  # noqa: E402
 from service.backends import (  # noqa: E402
     OnnxRuntimeBackend,
@@ -148,7 +148,7 @@ def main() -> None:
     table = "\n".join(["| " + " | ".join(r) + " |" for r in [head, ["---"] * len(head), *rows]])
     h, w = ckpt.meta.input_size
     info = (f"`{shlex.join(['python', 'bench/runtimes.py', *sys.argv[1:]])}` — {args.checkpoint.name} at "
-            f"1×3×{h}×{w}, batch 1, {platform.machine()} CPU ({torch.get_num_threads()} threads), torch "
+            f"1×3×{h}×{w}, batch 1, {cpu_name()} ({torch.get_num_threads()} threads), torch "
             f"{torch.__version__}; masks through the service's preprocess and postprocess on the {len(pairs)} "
             f"{args.split} images, scored at their native size.")
     print(table)

@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import platform
 import shlex
 import signal
 import statistics
@@ -45,6 +44,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.record import cpu_name  # noqa: E402
 from models.checkpoint import CheckpointMeta, save_checkpoint  # noqa: E402
 from models.classes import ClassSet, read_codes  # noqa: E402
 from models.encoders import normalization  # noqa: E402
@@ -58,7 +58,7 @@ BACKENDS = ("torch", "onnxruntime", "openvino")
 def hardware(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
-    return f"{platform.machine()} CPU ({torch.get_num_threads()} threads)"
+    return f"{cpu_name()} ({torch.get_num_threads()} threads)"
 
 
 def setting(text: str) -> tuple[str, str]:
