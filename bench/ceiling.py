@@ -16,7 +16,6 @@ a ratio r, (1 / r - 1) x the bare CPU per image. Run the rounds interleaved (--r
 
 from __future__ import annotations
 
-import argparse
 import queue
 import statistics
 import sys
@@ -30,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.record import cpu_name, record  # noqa: E402
+from bench.record import cpu_name, parser, record  # noqa: E402
 from models.classes import ClassSet  # noqa: E402
 from service.backends import cpu_cores  # noqa: E402
 from service.pipeline import decode_and_preprocess, encoded  # noqa: E402
@@ -105,13 +104,10 @@ def _timed(loop, n: int, done: list[int], after=lambda: None) -> tuple[float, fl
 
 
 def main() -> None:
-    a = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "camvid")
-    a.add_argument("--checkpoint", type=Path, default=ROOT / "models" / "camvid.safetensors")
+    a = parser(__doc__)
     a.add_argument("--backend", default="auto")
     a.add_argument("--seconds", type=float, default=10.0, help="per measurement")
     a.add_argument("--rounds", type=int, default=3)
-    a.add_argument("--no-record", action="store_true")
     args = a.parse_args()
     uploads = [f.read_bytes() for f in sorted((args.data / "images").iterdir())[:32]]
     p = Predictor.load(args.checkpoint, "cpu", backend=args.backend)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import shlex
@@ -10,7 +11,17 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "BENCHMARKS.md"
+
+
+def parser(doc: str | None) -> argparse.ArgumentParser:
+    """The options a benchmark on the shipped model and CamVid shares: --data, --checkpoint, --no-record."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "camvid")
+    p.add_argument("--checkpoint", type=Path, default=ROOT / "models" / "camvid.safetensors")
+    p.add_argument("--no-record", action="store_true", help="print only; do not append to BENCHMARKS.md")
+    return p
 
 
 def record(title: str, script: str, text: str) -> None:

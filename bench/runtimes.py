@@ -13,7 +13,6 @@ Prints a table and appends it to BENCHMARKS.md unless --no-record.
 
 from __future__ import annotations
 
-import argparse
 import shlex
 import statistics
 import sys
@@ -28,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.record import cpu_name  # noqa: E402
+from bench.record import cpu_name, parser  # noqa: E402
 from models.checkpoint import load_checkpoint  # noqa: E402
 from service.backends import (  # noqa: E402
     OnnxRuntimeBackend,
@@ -107,12 +106,9 @@ def cold_starts(checkpoint: Path) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "camvid")
-    p.add_argument("--checkpoint", type=Path, default=ROOT / "models" / "camvid.safetensors")
+    p = parser(__doc__)
     p.add_argument("--split", default="valid")
     p.add_argument("--seconds", type=float, default=8.0, help="timing per runtime")
-    p.add_argument("--no-record", action="store_true")
     args = p.parse_args()
     ckpt = load_checkpoint(args.checkpoint)
     folder = open_folder(args.data, check=False)
