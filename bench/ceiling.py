@@ -31,7 +31,6 @@ sys.path.insert(0, str(ROOT))
 
 from bench.record import cpu_name, parser, record  # noqa: E402
 from models.classes import ClassSet  # noqa: E402
-from service.backends import cpu_cores  # noqa: E402
 from service.pipeline import decode_and_preprocess, encoded  # noqa: E402
 from service.predictor import Predictor  # noqa: E402
 from service.settings import Settings  # noqa: E402
@@ -114,7 +113,7 @@ def main() -> None:
     if p.backend.name != "torch":
         torch.set_num_threads(1)  # as the service runs beside an ONNX backend
     settings = Settings(checkpoint=args.checkpoint, device="cpu")
-    codec_threads = settings.codec_threads or max(1, cpu_cores() // 2)  # the service's default
+    codec_threads = settings.codec_thread_count()  # the service's default
     classes = p.meta.classes
     x = decode_and_preprocess(uploads[0], settings, p, False)[1][None]
     stage_ms: dict[str, list[float]] = {s: [] for s in STAGES}

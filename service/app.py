@@ -35,7 +35,7 @@ DESCRIPTION = ("U-Net street-scene segmentation. `POST /segment` with an image; 
 async def lifespan(app: FastAPI):
     state: State = app.state.segment
     settings = state.settings
-    codec_threads = settings.codec_threads or max(1, cpu_cores() // 2)
+    codec_threads = settings.codec_thread_count()
     state.codec = ThreadPoolExecutor(codec_threads, thread_name_prefix="codec")
     state.large = ThreadPoolExecutor(1, thread_name_prefix="codec-large")
     predictor = await asyncio.to_thread(Predictor.load, settings.checkpoint, settings.device, settings.precision,

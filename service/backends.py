@@ -7,10 +7,10 @@ The .safetensors checkpoint stays the one source of truth: the export is made he
 SEGMENT_CACHE_DIR in a file named after the checkpoint's sha256 and the versions that wrote it; a cached file is
 used only when its own metadata names that checkpoint and those versions, and a cache folder that cannot be
 written is replaced by a temporary one. An ONNX backend serves only after its masks agree with torch's on a
-warm-up image (argmax on ≥ 99.9% of pixels). `auto` on a CPU times every backend that passed on that image and
-keeps the fastest, alone and under load taken together (their order differs between CPUs: BENCHMARKS.md); on
-CUDA it is torch. Anything that fails
-(a runtime not installed, an export error, a parity miss) is logged in one line and the service runs on torch.
+warm-up image (argmax on ≥ 99.9% of pixels). `auto` on a CPU times every backend that passed on that image, alone
+and under load, and keeps the fastest of the two taken together (their order differs between CPUs: BENCHMARKS.md);
+on CUDA it is torch. Anything that fails (a runtime not installed, an export error, a parity miss) is logged in one
+line and the service runs on torch.
 
 Streams (ONNX backends on a CPU): a backend may run `streams` forwards at once. A forward that runs alone gets every
 core (lowest latency); forwards that overlap share the cores, cores // streams threads each, because one session

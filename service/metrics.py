@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.routing import Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.logging import DefaultFormatter
 
 from .errors import error_response
 
@@ -34,8 +35,6 @@ def use_service_log(level: str, fmt: str) -> None:
     log.setLevel(level.upper())
     if log.handlers or logging.getLogger().handlers:
         return
-    from uvicorn.logging import DefaultFormatter
-
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonLines() if fmt == "json" else DefaultFormatter("%(levelprefix)s %(message)s"))
     log.addHandler(handler)

@@ -82,3 +82,9 @@ class Settings(BaseSettings):
 
     def batch_size_for(self, device: torch.device) -> int:
         return self.max_batch_size or (16 if device.type == "cuda" else 1)
+
+    def codec_thread_count(self) -> int:
+        """codec_threads, or with 0 half of the cores this process may run on (its CPU set), at least 1."""
+        from .backends import cpu_cores
+
+        return self.codec_threads or max(1, cpu_cores() // 2)

@@ -402,11 +402,12 @@ def test_sigterm_finishes_every_accepted_request_then_exits(checkpoint):
 
     proc, base, env = start_service({
         "SEGMENT_CHECKPOINT": str(checkpoint), "SEGMENT_DEVICE": "cpu", "SEGMENT_MAX_BATCH_WAIT_MS": "1500",
-        "SEGMENT_WARMUP_PASSES": "1", "SEGMENT_BACKEND": "torch"}, stderr=subprocess.PIPE, text=True)
+        "SEGMENT_WARMUP_PASSES": "1"}, stderr=subprocess.PIPE, text=True)
     try:
         # the container's health probe (Docker HEALTHCHECK) sees the live server
         probe = subprocess.run([sys.executable, "-m", "service.healthcheck"], env=env, timeout=30)
         assert probe.returncode == 0
+        model = httpx.get(f"{base}/model").json()
         png = IMAGE.read_bytes()
         results = []
         boundary = "sl0w"
@@ -442,7 +443,11 @@ def test_sigterm_finishes_every_accepted_request_then_exits(checkpoint):
         # the service's own INFO lines reach the operator, in uvicorn's style, between uvicorn's
         lines = stderr.splitlines()
         serving = next(i for i, line in enumerate(lines) if line.startswith("INFO:     serving "))
-        assert "on cpu with torch (float32" in lines[serving]
+        backend = model["backend"]
+        assert f"on cpu with {backend} (float32" in lines[serving]
+        # auto on a CPU: the line that says which backend it kept, and its timings, comes first
+        assert any(line.startswith(f"INFO:     backend {backend} (start-up timing, ms per image alone / under load: ")
+                   for line in lines[:serving])
         assert lines.index("INFO:     Application startup complete.") == serving + 1
         assert any(line.startswith("INFO:     SIGTERM: /ready answers 503 now") for line in lines[serving:])
         with pytest.raises(httpx.ConnectError):
