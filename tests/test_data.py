@@ -108,6 +108,41 @@ def test_valid_txt_listing_an_unknown_image(camvid):
         open_folder(camvid)
 
 
+def test_holdout_drive_validates_on_one_whole_drive_and_trains_on_the_rest():
+    folder = open_folder(CAMVID, holdout_drive="0006R0")
+    assert [p.image.name for p in folder.pairs("valid")] == ["0006R0_f02070.png"]
+    # the valid.txt block of 0016E5 becomes training data
+    assert [p.image.name for p in folder.pairs("train")] == [
+        "0001TP_006690.png", "0016E5_01500.png", "0016E5_06420.png", "0016E5_07959.png", "0016E5_08059.png"]
+    assert folder.fingerprint()["splits"] == {"train": 5, "valid": 1}
+    assert folder.fingerprint()["sha256"] == open_folder(CAMVID).fingerprint()["sha256"]  # same files
+    assert sum(folder.pixel_counts["valid"]) == 96 * 72
+
+
+def test_valid_list_names_the_valid_frames(tmp_path):
+    listed = tmp_path / "drive.txt"
+    listed.write_text("0001TP_006690.png\n\nimages/0006R0_f02070.png\n")  # blank lines and folders are fine
+    folder = open_folder(CAMVID, valid_list=listed)
+    assert [p.image.name for p in folder.pairs("valid")] == ["0001TP_006690.png", "0006R0_f02070.png"]
+    assert len(folder.pairs("train")) == 4
+
+
+def test_a_bad_holdout_choice_says_what_the_folder_has(tmp_path):
+    with pytest.raises(DataError, match="no frame of drive 'Seq05VD'.*drives are 0001TP, 0006R0, 0016E5"):
+        open_folder(CAMVID, holdout_drive="Seq05VD")
+    listed = tmp_path / "l.txt"
+    listed.write_text("0006R0_f02070.png\nnope.png\n")
+    with pytest.raises(DataError, match=r"l.txt: lists \['nope.png'\] which are not train or valid images"):
+        open_folder(CAMVID, valid_list=listed)
+    with pytest.raises(DataError, match="no such valid list"):
+        open_folder(CAMVID, valid_list=tmp_path / "missing.txt")
+    with pytest.raises(DataError, match="give one of them"):
+        open_folder(CAMVID, holdout_drive="0006R0", valid_list=listed)
+    listed.write_text("\n".join(p.image.name for p in open_folder(CAMVID).pairs("all")))
+    with pytest.raises(DataError, match="leaves no training images"):
+        open_folder(CAMVID, valid_list=listed)
+
+
 def test_not_a_camvid_folder(tmp_path):
     with pytest.raises(DataError, match="not a CamVid folder; expected the fastai layout"):
         open_folder(tmp_path)

@@ -325,3 +325,62 @@ def test_bad_augmentation_options_fail_before_anything_is_written(tmp_path, caps
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
     assert not (tmp_path / "x").exists() and not out.exists()
+
+
+def test_holdout_drive_selects_on_the_drive_and_evaluate_scores_it_again(tmp_path, capsys):
+    out = tmp_path / "h.safetensors"
+    config = TrainConfig(data=CAMVID, out=out, run_dir=tmp_path / "h", epochs=2, freeze_epochs=0,
+                         encoder_weights="none", holdout_drive="0006R0", size=(48, 64), **SMALL)
+    best = fit(config)
+    capsys.readouterr()  # the epoch lines
+    meta = load_checkpoint(out).meta
+    assert meta.metrics["split"] == "valid: held-out drive 0006R0" and meta.metrics["images"] == 1
+    assert meta.train["holdout_drive"] == "0006R0" and meta.data["splits"] == {"train": 5, "valid": 1}
+    assert main(["evaluate", "--data", str(CAMVID), "--checkpoint", str(out), "--holdout-drive", "0006R0",
+                 "--json", "--workers", "0"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["split"] == "valid: held-out drive 0006R0" and m["images"] == 1 and m["pixels"] <= 96 * 72
+    assert m["mean_iou"] == pytest.approx(best["mean_iou"], abs=1e-6)
+    # a resumed run keeps the split it started with, whatever the command line says now
+    resumed = TrainConfig(data=CAMVID, out=out, run_dir=tmp_path / "h", epochs=2, resume=True, **SMALL)
+    assert training.trainer.RunState.start(tmp_path / "h", resumed, open_folder(CAMVID).fingerprint())[0] \
+        .holdout_drive == "0006R0"
+
+
+def test_ema_is_validated_and_saved_beside_the_raw_weights_scores_and_resumes(tmp_path, monkeypatch, capsys):
+    def config(**kw):
+        return TrainConfig(data=CAMVID, out=tmp_path / "e.safetensors", run_dir=tmp_path / "e", epochs=3,
+                           freeze_epochs=0, encoder_weights="none", ema=0.9, size=(48, 64), **{**SMALL, **kw})
+
+    # crash after epoch 2's state is written, then resume: the average goes on from its saved weights
+    real_save = training.trainer.RunState.save
+
+    def save_then_crash(self, *args, **kwargs):
+        real_save(self, *args, **kwargs)
+        if self.epochs_done == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.trainer.RunState, "save", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        fit(config())
+    monkeypatch.setattr(training.trainer.RunState, "save", real_save)
+    state = torch.load(tmp_path / "e" / "state.pt", weights_only=True)
+    assert set(state["ema"]) == set(state["model"])
+    assert any(not torch.equal(state["ema"][k], state["model"][k]) for k in state["model"])
+    best = fit(config(resume=True))
+    h = history(tmp_path / "e")
+    assert [r["epoch"] for r in h] == [1, 2, 3] and all("raw_mean_iou" in r for r in h)
+    # the checkpoint holds the average: re-scoring it gives the kept (not the raw) scores
+    out = tmp_path / "e.safetensors"
+    capsys.readouterr()
+    assert main(["evaluate", "--data", str(CAMVID), "--checkpoint", str(out), "--json", "--workers", "0"]) == 0
+    assert json.loads(capsys.readouterr().out)["mean_iou"] == pytest.approx(best["mean_iou"], abs=1e-6)
+    assert best["mean_iou"] == max(r["mean_iou"] for r in h)
+
+
+def test_a_bad_ema_decay_fails_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "x.safetensors"
+    assert main(["train", "--data", str(CAMVID), "--out", str(out), "--run-dir", str(tmp_path / "x"), "--ema", "1",
+                 "--encoder-weights", "none", "--workers", "0"]) == 2
+    assert "--ema 1: give a decay between 0 and 1" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not out.exists()

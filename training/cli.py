@@ -23,7 +23,7 @@ from .config import add_options, from_args
 from .data import DataError, SegmentationDataset, collate, image_size, open_folder, read_image, read_label
 from .download import SOURCES, Source, fetch
 from .engine import Amp, evaluate, lr_find, resolve_device
-from .trainer import KEPT_METRICS, fit, fmt, set_encoder_frozen
+from .trainer import KEPT_METRICS, fit, fmt, set_encoder_frozen, valid_split_name
 from .transforms import eval_transforms, train_transforms
 from .viz import colorize, plot_lr_find, results_grid
 
@@ -44,7 +44,8 @@ def cmd_train(a: argparse.Namespace) -> None:
 def _score(a: argparse.Namespace, ckpt, device, input_size: tuple[int, int], show: bool) -> dict:
     """Metrics of `ckpt` on `a.split` of `a.data`, predicting at `input_size` and scoring at label size."""
     meta = ckpt.meta
-    folder = open_folder(a.data, need=(a.split,))  # a labelled test-only folder can be scored
+    # a labelled test-only folder can be scored
+    folder = open_folder(a.data, need=(a.split,), holdout_drive=a.holdout_drive, valid_list=a.valid_list)
     if list(folder.classes.names) != list(meta.classes.names):
         raise DataError(f"{a.data}: classes {list(folder.classes.names)} differ from the checkpoint's "
                         f"{list(meta.classes.names)}")
@@ -53,7 +54,8 @@ def _score(a: argparse.Namespace, ckpt, device, input_size: tuple[int, int], sho
     model = FlipAveraged(ckpt.model) if getattr(a, "tta", "none") == "flip" else ckpt.model
     m = evaluate(model, loader, meta.classes.num_classes, meta.classes.ignore_index, meta.classes.void_index,
                  device, list(meta.classes.names), show=show)
-    m.update(split=a.split, images=len(ds), input_size=list(input_size), tta=getattr(a, "tta", "none"))
+    split = valid_split_name(a.holdout_drive, a.valid_list) if a.split == "valid" else a.split
+    m.update(split=split, images=len(ds), input_size=list(input_size), tta=getattr(a, "tta", "none"))
     return m
 
 
@@ -90,7 +92,7 @@ def cmd_export(a: argparse.Namespace) -> None:
         size = _size(a.size) or ckpt.meta.input_size
         m = _score(a, ckpt, device, size, show=False)
         kept = {k: m[k] for k in KEPT_METRICS}
-        kept.update(epoch=ckpt.meta.metrics.get("epoch"), split=a.split, images=m["images"])
+        kept.update(epoch=ckpt.meta.metrics.get("epoch"), split=m["split"], images=m["images"])
         ckpt.meta = dataclasses.replace(ckpt.meta, input_size=tuple(size), metrics=kept)
         _print_metrics(m)
     h, w = ckpt.meta.input_size
@@ -128,7 +130,7 @@ def cmd_show(a: argparse.Namespace) -> None:
     device = resolve_device(a.device)
     ckpt = load_checkpoint(a.checkpoint, device)
     meta = ckpt.meta
-    folder = open_folder(a.data, check=False)
+    folder = open_folder(a.data, check=False, holdout_drive=a.holdout_drive, valid_list=a.valid_list)
     rows = []
     for pair in folder.pairs(a.split)[: a.n]:
         image, truth = read_image(pair.image), read_label(pair.label)
@@ -152,7 +154,7 @@ def cmd_download(a: argparse.Namespace) -> None:
 def _scoring_parser(sub, name: str, help: str, func) -> argparse.ArgumentParser:
     """A subcommand that runs a checkpoint over a data split (evaluate, export, show)."""
     p = sub.add_parser(name, help=help)
-    add_options(p, ["data", "device", "workers", "bs"])
+    add_options(p, ["data", "device", "workers", "bs", "holdout_drive", "valid_list"])
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--split", default="valid", choices=SPLITS)
     p.set_defaults(func=func)
@@ -185,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "metadata, for Triton or ONNX Runtime without this package")
     x.add_argument("--data", type=Path, help="re-score on this CamVid folder (its --split) and store those metrics")
     x.add_argument("--split", default="valid", choices=SPLITS)
+    add_options(x, ["holdout_drive", "valid_list"])
     x.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
                    help="input size the service resizes uploads to (default: the checkpoint's); needs --data")
     x.add_argument("--half", action="store_true", help="store fp16 weights (safetensors; half the file size)")

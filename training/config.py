@@ -48,6 +48,14 @@ class TrainConfig:
                                             "rare ones: Pole SignSymbol Fence Pedestrian Bicyclist)", nargs="+",
                                             metavar="NAME")
     focus_p: float = option(0.5, "share of the training crops centred on a --focus-classes pixel")
+    ema: float = option(0.0, "keep an exponential moving average of the weights with this decay (e.g. 0.99, warmed up "
+                        "from 0 by timm's ModelEmaV3); it is what is validated and saved, the raw weights' scores are "
+                        "logged beside it; 0: off", metavar="DECAY")
+    holdout_drive: str | None = option(None, "validate (and select the best epoch) on every frame of this drive (the "
+                                       "file-name prefix before the first '_', e.g. 0006R0) and train on all others, "
+                                       "instead of valid.txt: a drive the model never sees", metavar="DRIVE")
+    valid_list: Path | None = option(None, "validate on the frames this file lists (one file name a line, like "
+                                     "valid.txt) and train on all others", metavar="FILE")
     final: bool = option(False, "train on train + valid with a recipe and epoch count chosen beforehand on valid "
                                 "(as published CamVid results do); the last epoch is kept, and its valid scores are "
                                 "then not held out")

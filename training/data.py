@@ -156,9 +156,50 @@ def _segnet_splits(root: Path) -> dict[str, list[Pair]]:
     return splits
 
 
-def open_folder(root: Path, check: bool = True, need: tuple[str, ...] = ("train", "valid")) -> CamVidFolder:
+def drive(path: Path) -> str:
+    """A CamVid frame's drive: its file-name prefix before the first `_` (`0006R0_f02370.png` → `0006R0`)."""
+    return path.name.split("_", 1)[0]
+
+
+def select_valid(root: Path, splits: dict[str, list[Pair]], holdout_drive: str | None = None,
+                 valid_list: Path | None = None) -> dict[str, list[Pair]]:
+    """Re-split the folder's train + valid frames: valid becomes the frames of one drive (`holdout_drive`) or the
+    frames a list file names (`valid_list`, one file name a line, like valid.txt); train is every other frame. The
+    test split, if any, stays as it is."""
+    if holdout_drive is None and valid_list is None:
+        return splits
+    if holdout_drive is not None and valid_list is not None:
+        raise DataError("--holdout-drive and --valid-list both choose the valid split; give one of them")
+    pool = splits.get("train", []) + splits.get("valid", [])
+    if holdout_drive is not None:
+        chosen = {p.image.name for p in pool if drive(p.image) == holdout_drive}
+        if not chosen:
+            drives = sorted({drive(p.image) for p in pool})
+            raise DataError(f"{root}: no frame of drive {holdout_drive!r} (a drive is the file-name prefix before the "
+                            f"first '_'); this folder's drives are {', '.join(drives)}")
+    else:
+        valid_list = Path(valid_list)
+        if not valid_list.is_file():
+            raise DataError(f"{valid_list}: no such valid list (one image file name a line, like valid.txt)")
+        names = {Path(n.strip()).name for n in valid_list.read_text().splitlines() if n.strip()}
+        known = {p.image.name for p in pool}
+        unknown = sorted(names - known)
+        if unknown:
+            raise DataError(f"{valid_list}: lists {unknown[:3]} which are not train or valid images of {root}")
+        chosen = names
+    valid = [p for p in pool if p.image.name in chosen]
+    train = [p for p in pool if p.image.name not in chosen]
+    if not train:
+        raise DataError(f"{root}: holding out {len(valid)} frames leaves no training images")
+    return {**splits, "train": sorted(train, key=lambda p: p.image.name),
+            "valid": sorted(valid, key=lambda p: p.image.name)}
+
+
+def open_folder(root: Path, check: bool = True, need: tuple[str, ...] = ("train", "valid"),
+                holdout_drive: str | None = None, valid_list: Path | None = None) -> CamVidFolder:
     """Detect the layout, read the classes and check every pair (naming the file on any problem). `need`: the
-    splits that must hold images (training needs train and valid; scoring one split needs only that one)."""
+    splits that must hold images (training needs train and valid; scoring one split needs only that one).
+    `holdout_drive` / `valid_list` choose another valid split than the folder's own (select_valid)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: no such data folder")
@@ -171,6 +212,7 @@ def open_folder(root: Path, check: bool = True, need: tuple[str, ...] = ("train"
     else:
         raise DataError(f"{root}: not a CamVid folder; expected the fastai layout (images/, labels/<stem>_P.png, "
                         "codes.txt, valid.txt) or the SegNet layout (train/, trainannot/, val/, valannot/)")
+    splits = select_valid(root, splits, holdout_drive, valid_list)
     colors_file = root / "label_colors.txt"
     colors = read_label_colors(colors_file) if colors_file.is_file() else None
     classes = ClassSet.from_names(names, colors)

@@ -102,7 +102,9 @@ def _mean_over_processes(total: float, count: int, device: torch.device) -> floa
 
 
 def train_one_epoch(model: nn.Module, loader, loss_fn, optimizer, scheduler, device: torch.device, amp: Amp,
-                    desc: str = "train", show: bool = True) -> float:
+                    desc: str = "train", show: bool = True, ema=None, step: int = 0) -> float:
+    """One pass over `loader`; `ema` (timm's ModelEmaV3), if given, follows every optimizer step (`step`: the run's
+    steps before this epoch, for its warm-up)."""
     model.train()
     total, count = 0.0, 0
     bar = tqdm(loader, desc=desc, leave=False, disable=not show, dynamic_ncols=True)
@@ -117,6 +119,9 @@ def train_one_epoch(model: nn.Module, loader, loss_fn, optimizer, scheduler, dev
             raise DivergedError(f"loss became {loss.item()}; lower --lr (try lr-find)")
         amp.step(loss, optimizer)
         scheduler.step()
+        if ema is not None:
+            step += 1
+            ema.update(model, step=step)
         total += loss.item() * len(images)
         count += len(images)
         bar.set_postfix(loss=f"{total / count:.4f}", lr=f"{scheduler.get_last_lr()[-1]:.2e}")

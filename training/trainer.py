@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
@@ -40,7 +41,8 @@ log = logging.getLogger(__name__)
 # Settings a resumed run takes from its saved state, not from the command line.
 HYPERPARAMS = ("encoder", "encoder_weights", "size", "epochs", "freeze_epochs", "progressive", "bs", "lr",
                "encoder_lr_mult", "weight_decay", "pct_start", "class_weights", "seed", "decoder_channels",
-               "dice", "init", "scale", "lighting", "colour", "focus_classes", "focus_p", "final")
+               "dice", "init", "scale", "lighting", "colour", "focus_classes", "focus_p", "final",
+               "holdout_drive", "valid_list", "ema")
 # The validation metrics a checkpoint records.
 KEPT_METRICS = ("pixel_accuracy", "mean_iou", "mean_class_accuracy", "per_class_iou", "per_class_accuracy", "loss")
 
@@ -80,6 +82,15 @@ def epoch_tag(epoch: int, config: TrainConfig, phase: Phase) -> str:
     return f"epoch {epoch + 1}/{config.epochs} {phase.name} {phase.size[0]}x{phase.size[1]}"
 
 
+def valid_split_name(holdout_drive: str | None, valid_list: Path | str | None) -> str:
+    """How a checkpoint's metrics name the split they were measured on."""
+    if holdout_drive:
+        return f"valid: held-out drive {holdout_drive}"
+    if valid_list:
+        return f"valid: frames listed in {Path(valid_list).name}"
+    return "valid"
+
+
 def fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4f}"
 
@@ -96,7 +107,7 @@ class RunState:
 
     history: list[dict] = field(default_factory=list)
     best_metrics: dict = field(default_factory=dict)
-    tensors: dict = field(default_factory=dict)  # model, optimizer, scheduler, scaler state dicts of the last epoch
+    tensors: dict = field(default_factory=dict)  # model, optimizer, scheduler, scaler (and ema) states, last epoch
 
     @property
     def epochs_done(self) -> int:
@@ -129,13 +140,15 @@ class RunState:
         config = dataclasses.replace(config, **{k: getattr(old, k) for k in HYPERPARAMS})
         run = json.loads(saved["run"])
         return config, cls(run["history"], run["best_metrics"], {k: saved[k] for k in
-                                                                 ("model", "optimizer", "scheduler", "scaler")})
+                                                                 ("model", "optimizer", "scheduler", "scaler", "ema")
+                                                                 if k in saved})
 
     def save(self, path: Path, config: TrainConfig, fingerprint: dict, model: nn.Module, optimizer, scheduler,
-             amp: Amp) -> None:
+             amp: Amp, ema=None) -> None:
         tmp = path.with_name(path.name + ".tmp")
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "scaler": amp.scaler.state_dict() if amp.scaler else {},
+                    **({"ema": ema.module.state_dict()} if ema is not None else {}),
                     "run": json.dumps({"history": self.history, "best_metrics": self.best_metrics}),
                     "config": json.dumps(config.to_dict()), "fingerprint": fingerprint}, tmp)
         os.replace(tmp, path)
@@ -172,6 +185,19 @@ def build_model(config: TrainConfig, net_config: UNetConfig, folder: CamVidFolde
         init_from(model, net_config, folder.classes, Path(config.init))
     model = model.to(device)
     return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+
+
+def build_ema(config: TrainConfig, model: UNet, run: RunState) -> ModelEmaV3 | None:
+    """--ema: timm's moving average of the weights (warmed up, so a young run is not dragged back to its start);
+    resuming, the average saved with the last epoch."""
+    if not config.ema:
+        return None
+    if not 0 < config.ema < 1:
+        raise ConfigError(f"--ema {config.ema:g}: give a decay between 0 and 1 (e.g. 0.99), or 0 for off")
+    ema = ModelEmaV3(model, decay=config.ema, use_warmup=True)
+    if "ema" in run.tensors:
+        ema.module.load_state_dict(run.tensors["ema"])
+    return ema
 
 
 def augmentation_focus(config: TrainConfig, classes) -> tuple[int, ...]:
@@ -234,28 +260,32 @@ class RunWriter:
         (self.run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
 
     def end_epoch(self, run: RunState, metrics: dict, phase: Phase, model: UNet, optimizer, scheduler,
-                  amp: Amp) -> None:
+                  amp: Amp, ema=None) -> None:
+        """`metrics` are those of the weights kept: the moving average's with --ema, else the model's."""
         record = run.history[-1]
         kept = {k: metrics[k] for k in KEPT_METRICS}
-        kept.update(epoch=record["epoch"], split="valid (trained on too: --final)" if self.config.final else "valid",
+        split = valid_split_name(self.config.holdout_drive, self.config.valid_list)
+        kept.update(epoch=record["epoch"], split=f"{split} (trained on too: --final)" if self.config.final else split,
                     images=len(self.folder.pairs("valid")))
         meta = CheckpointMeta(model=self.net_config, classes=self.folder.classes, mean=self.mean, std=self.std,
                               input_size=phase.size, metrics=kept, data=self.fingerprint, train=self.config.to_dict())
-        save_checkpoint(self.run_dir / "last.safetensors", model, meta, half=self.config.half)
+        kept_model = model if ema is None else ema.module
+        save_checkpoint(self.run_dir / "last.safetensors", kept_model, meta, half=self.config.half)
         if self.config.final or score(kept) > run.best_score:  # --final: no selection on valid, the last epoch
             run.best_metrics = kept
-            save_checkpoint(Path(self.config.out), model, dataclasses.replace(meta, created=""), half=self.config.half)
+            save_checkpoint(Path(self.config.out), kept_model, dataclasses.replace(meta, created=""),
+                            half=self.config.half)
         with (self.run_dir / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
         plot_curves(run.history, self.run_dir / "curves.png")
-        run.save(self.run_dir / "state.pt", self.config, self.fingerprint, model, optimizer, scheduler, amp)
+        run.save(self.run_dir / "state.pt", self.config, self.fingerprint, model, optimizer, scheduler, amp, ema)
         tqdm.write(f"{epoch_tag(record['epoch'] - 1, self.config, phase)}: train_loss {record['train_loss']:.4f} "
                    f"valid_loss {record['valid_loss']:.4f} acc {fmt(record['pixel_accuracy'])} "
                    f"mIoU {fmt(record['mean_iou'])} ({record['seconds']:.1f}s)")
 
 
 def run_phase(phase: Phase, config: TrainConfig, folder: CamVidFolder, model: UNet, run: RunState, loss_fn,
-              d: Dist, device: torch.device, amp: Amp, writer: RunWriter | None) -> None:
+              d: Dist, device: torch.device, amp: Amp, writer: RunWriter | None, ema=None) -> None:
     """The epochs of `phase` not done yet: train, validate, record (and write, on rank 0)."""
     mean, std = normalization(config.encoder)
     set_encoder_frozen(model, phase.frozen)
@@ -274,20 +304,22 @@ def run_phase(phase: Phase, config: TrainConfig, folder: CamVidFolder, model: UN
         train_ds.epoch = epoch
         sampler.set_epoch(epoch)
         train_loss = train_one_epoch(net, train_dl, loss_fn, optimizer, scheduler, device, amp,
-                                     epoch_tag(epoch, config, phase), show)
+                                     epoch_tag(epoch, config, phase), show, ema, epoch * len(train_dl))
         if d.world > 1:  # BatchNorm statistics drift apart per process; validate with the ones rank 0 saves
             for buffer in model.buffers():
                 torch.distributed.broadcast(buffer, 0)
         c = folder.classes
-        metrics = evaluate(model, valid_dl, c.num_classes, c.ignore_index, c.void_index, device, list(c.names),
-                           "valid", show, amp)
+        scores = [evaluate(m, valid_dl, c.num_classes, c.ignore_index, c.void_index, device, list(c.names), "valid",
+                           show, amp) for m in ([model] if ema is None else [ema.module, model])]
+        metrics, raw = scores[0], scores[-1]  # the kept weights' scores, and the raw model's
         run.history.append({
             "epoch": epoch + 1, "phase": phase.name, "size": list(phase.size), "train_loss": train_loss,
             "valid_loss": metrics["loss"], "pixel_accuracy": metrics["pixel_accuracy"],
             "mean_iou": metrics["mean_iou"], "lr": scheduler.get_last_lr()[-1],
+            **({} if ema is None else {"raw_pixel_accuracy": raw["pixel_accuracy"], "raw_mean_iou": raw["mean_iou"]}),
             "seconds": round(time.perf_counter() - t0, 2)})
         if writer is not None:
-            writer.end_epoch(run, metrics, phase, model, optimizer, scheduler, amp)
+            writer.end_epoch(run, metrics, phase, model, optimizer, scheduler, amp, ema)
         if d.world > 1:
             torch.distributed.barrier()
 
@@ -297,7 +329,7 @@ def fit(config: TrainConfig) -> dict:
     d = Dist.from_env("cuda" if config.device != "cpu" and torch.cuda.is_available() else "cpu")
     device = resolve_device(config.device, d)
     check_encoder_name(config.encoder)
-    folder = open_folder(config.data)
+    folder = open_folder(config.data, holdout_drive=config.holdout_drive, valid_list=config.valid_list)
     augmentation_focus(config, folder.classes)  # a bad value or class name fails before anything is written
     fingerprint = folder.fingerprint()
     run_dir = Path(config.run_dir or Path("runs") / Path(config.out).stem)
@@ -307,6 +339,7 @@ def fit(config: TrainConfig) -> dict:
     torch.manual_seed(config.seed)
     net_config = UNetConfig(config.encoder, folder.classes.num_classes, tuple(config.decoder_channels))
     model = build_model(config, net_config, folder, run, device)
+    ema = build_ema(config, model, run)  # a bad decay fails before anything is written
     weight = folder.class_weights().to(device) if config.class_weights == "median-freq" else None
     loss_fn = SegmentationLoss(folder.classes.num_classes, folder.classes.ignore_index, weight, config.dice)
     writer = RunWriter(run_dir, config, folder, fingerprint, net_config, run) if d.main else None
@@ -315,5 +348,5 @@ def fit(config: TrainConfig) -> dict:
     amp = Amp.for_device(device)
     for phase in phases:
         if run.epochs_done < phase.start + phase.epochs:
-            run_phase(phase, config, folder, model, run, loss_fn, d, device, amp, writer)
+            run_phase(phase, config, folder, model, run, loss_fn, d, device, amp, writer, ema)
     return run.best_metrics
