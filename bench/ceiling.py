@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.record import cpu_name, parser, record  # noqa: E402
 from models.classes import ClassSet  # noqa: E402
-from service.pipeline import decode_and_preprocess, encoded  # noqa: E402
+from service.encode import encode  # noqa: E402
+from service.pipeline import decode_and_preprocess  # noqa: E402
 from service.predictor import Predictor  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
@@ -75,7 +76,7 @@ def pipeline(p: Predictor, uploads: list[bytes], settings: Settings, classes: Cl
     def finish(upload, logits: torch.Tensor) -> None:
         w, h = upload.size
         result = timed(STAGES[1], p.postprocess, logits, (h, w))
-        timed(STAGES[2], encoded, None, result, classes, False, 0.5)
+        timed(STAGES[2], encode, result, classes)
 
     def loop(i: int) -> None:
         while time.perf_counter() < stop:

@@ -17,7 +17,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from service.decode import decode_upload  # noqa: E402
-from service.predictor import Predictor, mask_png  # noqa: E402
+from service.encode import mask_png  # noqa: E402
+from service.predictor import Predictor  # noqa: E402
 from service.schemas import Timings, model_ref, ms, segment_response  # noqa: E402
 
 

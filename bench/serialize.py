@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from models.checkpoint import read_meta  # noqa: E402
-from service.predictor import Prediction, mask_png  # noqa: E402
+from service.encode import Prediction, mask_png  # noqa: E402
 from service.schemas import SegmentResponse, Timings, model_ref, segment_response  # noqa: E402
 
 

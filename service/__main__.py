@@ -6,8 +6,8 @@ import uvicorn
 from pydantic import ValidationError
 
 from models.checkpoint import CheckpointError, read_meta
+from models.devices import resolve_device
 
-from .predictor import pick_device
 from .settings import Settings
 
 
@@ -25,7 +25,7 @@ def main() -> int:
         print(f"error: {e} (SEGMENT_CHECKPOINT)", file=sys.stderr)
         return 2
     try:
-        pick_device(settings.device)
+        resolve_device(settings.device, option="SEGMENT_DEVICE")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

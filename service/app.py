@@ -20,6 +20,7 @@ from .batcher import Batcher
 from .deps import State
 from .errors import install_error_handlers
 from .metrics import ObserveRequests, use_json_access_log, use_service_log
+from .pipeline import finish
 from .predictor import Predictor
 from .routes import document_upload, router
 from .settings import Settings
@@ -38,9 +39,7 @@ async def lifespan(app: FastAPI):
     codec_threads = settings.codec_thread_count()
     state.codec = ThreadPoolExecutor(codec_threads, thread_name_prefix="codec")
     state.large = ThreadPoolExecutor(1, thread_name_prefix="codec-large")
-    predictor = await asyncio.to_thread(Predictor.load, settings.checkpoint, settings.device, settings.precision,
-                                        settings.backend, settings.cache_dir, settings.inference_streams,
-                                        settings.tta)
+    predictor = await asyncio.to_thread(Predictor.from_settings, settings)
     batch_size = settings.batch_size_for(predictor.device)
     seconds = await asyncio.to_thread(predictor.warmup, settings.warmup_passes, batch_size)
     state.predictor = predictor
@@ -54,8 +53,8 @@ async def lifespan(app: FastAPI):
     gc.freeze()
     # On a CPU the codec threads postprocess (resize logits, argmax, counts) while the next forward runs;
     # on CUDA the inference thread does it on the GPU, where it costs a few kernels.
-    state.batcher = Batcher(predictor, batch_size, settings.max_batch_wait_ms, settings.queue_size,
-                            post_executor=None if predictor.device.type == "cuda" else state.codec,
+    state.batcher = Batcher(predictor, batch_size, settings.max_batch_wait_ms, settings.queue_size, finish,
+                            helpers=None if predictor.device.type == "cuda" else state.codec,
                             post_helpers=min(codec_threads, cpu_cores() - 1))
     state.batcher.start()
     state.ready = True

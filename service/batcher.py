@@ -1,5 +1,9 @@
 """The queue that turns concurrent requests into batches for the workers that run the network: one on CUDA and
-with torch, `streams` on a CPU ONNX backend (each forward then runs beside the others, on its share of the cores)."""
+with torch, `streams` on a CPU ONNX backend (each forward then runs beside the others, on its share of the cores).
+
+What follows a forward is the pipeline's `finish` (postprocess and encode, pipeline.py), given once; the batcher only
+decides where it runs: on a CPU, on the inference thread for a lone image (its mask split over idle codec threads),
+else on the image's lane; on CUDA the inference thread postprocesses the whole batch and the pipeline encodes."""
 
 from __future__ import annotations
 
@@ -9,12 +13,18 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
+from .encode import Finished
 from .metrics import BATCH_SIZE, INFERENCE_SECONDS, QUEUE_DEPTH
-from .predictor import Prediction, Predictor
+from .predictor import Predictor
+
+if TYPE_CHECKING:
+    from .pipeline import Work
+
+    Finish = Callable[[Work, torch.Tensor, Executor | None, int], Finished]
 
 
 class QueueFull(Exception):
@@ -24,30 +34,24 @@ class QueueFull(Exception):
 @dataclass
 class Job:
     tensor: torch.Tensor  # (3, h, w) preprocessed
-    size: tuple[int, int]  # the upload's (H, W)
+    work: Work  # what the stages after the forward need; its result: a Finished, on `future`
     future: asyncio.Future
     enqueued: float = field(default_factory=time.perf_counter)
     started: float = 0.0  # when its batch began on the device
-    executor: Executor | None = None  # where its postprocess runs, if not the batcher's post_executor
-    confidence: bool = False  # the answer wants per-pixel confidence
-    # What the answer makes of the prediction (its PNG encoding), run right after a postprocess on a CPU thread, on
-    # that thread (one hop fewer); its output lands in `finished`. None, or on CUDA: the caller runs it itself.
-    finish: Callable[[Prediction], Any] | None = None
-    finished: Any = None
 
 
 class Batcher:
     def __init__(self, predictor: Predictor, max_batch_size: int, max_wait_ms: float, queue_size: int,
-                 post_executor: Executor | None = None, post_helpers: int = 0):
-        """post_executor: where each image's postprocess (resize logits, argmax, counts) runs. None: on the
-        inference thread right after the forward, as on CUDA, where it is a few kernels. On a CPU, give it the
-        codec threads: the next forward then starts at once and the postprocess overlaps it.
+                 finish: Finish, helpers: Executor | None = None, post_helpers: int = 0):
+        """finish: the pipeline's postprocess + encode of one image's logits (CPU). On CUDA (`helpers` None) the
+        inference thread postprocesses the batch itself, a few kernels, and the result goes back unencoded.
 
-        post_helpers: how many of post_executor's threads may help an image's postprocess when nothing else waits
-        for the cores (a lone request at low load): it then runs on the inference thread at once, split in
-        1 + post_helpers bands, the others on post_executor (the same mask, sooner)."""
-        self.predictor, self.post_executor = predictor, post_executor
-        self.post_parts = 1 + post_helpers if post_executor is not None else 1
+        helpers: the codec threads (CPU). post_helpers: how many of them may help a lone image's postprocess when
+        nothing else waits for the cores: it then runs on the inference thread at once, split in 1 + post_helpers
+        bands, the others on `helpers` (the same mask, sooner). Under load each image is finished on its own lane
+        while the next forward runs."""
+        self.predictor, self.finish, self.helpers = predictor, finish, helpers
+        self.post_parts = 1 + post_helpers if helpers is not None else 1
         self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000
         self.queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=queue_size)
         # One thread per stream: at most `streams` forwards overlap, and none blocks the event loop.
@@ -75,12 +79,9 @@ class Batcher:
         refused, so it is refused before its body is read."""
         return self.queue.qsize() + self.incoming >= self.queue.maxsize
 
-    def enqueue(self, tensor: torch.Tensor, size: tuple[int, int], executor: Executor | None = None,
-                confidence: bool = False, finish: Callable[[Prediction], Any] | None = None) -> Job:
-        """Queue one preprocessed image; its result arrives on `job.future`. Raises QueueFull. `executor`: where its
-        postprocess runs on a CPU (a large upload's own lane), instead of the post_executor. `finish`: Job.finish."""
-        job = Job(tensor, size, asyncio.get_running_loop().create_future(), executor=executor, confidence=confidence,
-                  finish=finish)
+    def enqueue(self, tensor: torch.Tensor, work: Work) -> Job:
+        """Queue one preprocessed image; its Finished arrives on `job.future`. Raises QueueFull."""
+        job = Job(tensor, work, asyncio.get_running_loop().create_future())
         try:
             self.queue.put_nowait(job)
         except asyncio.QueueFull:
@@ -119,65 +120,56 @@ class Batcher:
                 j.started = t0
             self.running += 1
             try:
-                if self.post_executor is None:  # forward and postprocess in one go on the worker
-                    results = await loop.run_in_executor(self.executor, self.predictor.predict, batch,
-                                                         [j.size for j in jobs], [j.confidence for j in jobs])
-                else:
+                if self.helpers is None:  # CUDA: forward and postprocess in one go on the worker
+                    done = await loop.run_in_executor(self.executor, self._forward_and_postprocess, batch, jobs)
+                    seconds = time.perf_counter() - t0
+                else:  # CPU: the forward; a lone image finished at once, on this thread
                     logits, done, seconds = await loop.run_in_executor(self.executor, self._forward, batch, jobs)
             except Exception as e:  # a failed forward must fail its requests, not kill the worker
                 self._fail(jobs, e)
                 continue
             finally:
                 self.running -= 1
-            INFERENCE_SECONDS.observe(time.perf_counter() - t0 if self.post_executor is None else seconds)
+            INFERENCE_SECONDS.observe(seconds)
             BATCH_SIZE.observe(len(jobs))
-            if self.post_executor is None:
-                for j, r in zip(jobs, results, strict=True):
+            if done is not None:
+                for j, d in zip(jobs, done, strict=True):
                     if not j.future.done():
-                        j.future.set_result(r)
-            elif done is not None:  # postprocessed at once on the idle cores
-                if not jobs[0].future.done():
-                    jobs[0].future.set_result(done)
-            else:
+                        j.future.set_result(d)
+            else:  # under load: each image finished on its lane while the next forward runs
                 for j, x in zip(jobs, logits, strict=True):
-                    self._pending.add(t := asyncio.create_task(self._postprocess(j, x)))
+                    self._pending.add(t := asyncio.create_task(self._finish_on_lane(j, x)))
                     t.add_done_callback(self._pending.discard)
 
-    def _forward(self, batch: torch.Tensor, jobs: list[Job]) -> tuple[torch.Tensor, Prediction | None, float]:
+    def _forward_and_postprocess(self, batch: torch.Tensor, jobs: list[Job]) -> list[Finished]:
+        """On the inference thread (CUDA): the batch's forward, then each image's mask and counts on the device."""
+        logits = self.predictor.forward(batch)
+        return [Finished(self.predictor.postprocess(x, j.work.size, j.work.options.confidence), None)
+                for j, x in zip(jobs, logits, strict=True)]
+
+    def _forward(self, batch: torch.Tensor, jobs: list[Job]) -> tuple[torch.Tensor, list[Finished] | None, float]:
         """On an inference thread (CPU): the forward, then, if nothing else waits for the cores, the lone image's
-        postprocess right here in post_parts bands: one hop and a single-threaded postprocess fewer on its way.
-        Under load (a queue, an upload on its way, another forward) the logits go back for the codec threads.
-        Returns the logits, the finished prediction or None, and the forward's own seconds."""
+        `finish` right here in post_parts bands: one hop and a single-threaded postprocess fewer on its way.
+        Under load (a queue, an upload on its way, another forward) the logits go back for the lanes.
+        Returns the logits, the finished image or None, and the forward's own seconds."""
         t0 = time.perf_counter()
         logits = self.predictor.forward(batch, self.running)
         seconds = time.perf_counter() - t0
-        if (len(jobs) == 1 and self.post_parts > 1 and jobs[0].executor is None and self.running <= 1
+        if (len(jobs) == 1 and self.post_parts > 1 and not jobs[0].work.large and self.running <= 1
                 and self.queue.empty() and self.incoming == 0):  # (read off the loop: a hint, never a guarantee)
-            job = jobs[0]
-            return logits, self._finished(job, self.predictor.postprocess(logits[0], job.size, job.confidence,
-                                                                          self.post_executor, self.post_parts)), seconds
+            return logits, [self.finish(jobs[0].work, logits[0], self.helpers, self.post_parts)], seconds
         return logits, None, seconds
 
-    @staticmethod
-    def _finished(job: Job, result: Prediction) -> Prediction:
-        if job.finish is not None:
-            job.finished = job.finish(result)
-        return result
-
-    def _postprocess_and_finish(self, job: Job, logits: torch.Tensor) -> Prediction:
-        return self._finished(job, self.predictor.postprocess(logits, job.size, job.confidence))
-
-    async def _postprocess(self, job: Job, logits: torch.Tensor) -> None:
+    async def _finish_on_lane(self, job: Job, logits: torch.Tensor) -> None:
         if job.future.done():
             return
         try:
-            result = await asyncio.get_running_loop().run_in_executor(
-                job.executor or self.post_executor, self._postprocess_and_finish, job, logits)
+            done = await asyncio.get_running_loop().run_in_executor(job.work.lane, self.finish, job.work, logits)
         except Exception as e:
             self._fail([job], e)
             return
         if not job.future.done():
-            job.future.set_result(result)
+            job.future.set_result(done)
 
     @staticmethod
     def _fail(jobs: list[Job], e: Exception) -> None:

@@ -154,8 +154,3 @@ def decode_upload(data: bytes, max_pixels: int, max_aspect: float = 20.0, shrink
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise UploadError(422, "corrupt_image", f"the {im.format} image could not be decoded ({e}); "
                           "it is truncated or corrupt") from None
-
-
-def decode_image(data: bytes, max_pixels: int, max_aspect: float = 20.0) -> Image.Image:
-    """Upload bytes → an RGB image at full size."""
-    return Image.fromarray(decode_upload(data, max_pixels, max_aspect).image)

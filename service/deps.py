@@ -1,5 +1,5 @@
-"""What routes receive, each as an `Annotated` dependency: the settings, the shared state, and the predictor and
-batcher and codec threads once the model is loaded (503 `not_ready` before)."""
+"""What routes receive, each as an `Annotated` dependency: the shared state (settings, and once the model is loaded the
+predictor, the batcher and the codec threads; `ReadyDep` answers 503 `not_ready` before), the settings, API keys."""
 
 from __future__ import annotations
 
@@ -49,27 +49,7 @@ async def get_ready_state(state: StateDep) -> State:
 ReadyDep = Annotated[State, Depends(get_ready_state)]
 
 
-async def get_predictor(state: ReadyDep) -> Predictor:
-    return state.predictor
-
-
-async def get_batcher(state: ReadyDep) -> Batcher:
-    return state.batcher
-
-
-async def get_codec(state: ReadyDep) -> ThreadPoolExecutor:
-    return state.codec
-
-
-async def get_large_lane(state: ReadyDep) -> ThreadPoolExecutor:
-    return state.large
-
-
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-PredictorDep = Annotated[Predictor, Depends(get_predictor)]
-BatcherDep = Annotated[Batcher, Depends(get_batcher)]
-CodecDep = Annotated[ThreadPoolExecutor, Depends(get_codec)]
-LargeLaneDep = Annotated[ThreadPoolExecutor, Depends(get_large_lane)]
 
 
 # Declared as security schemes, so the docs page has an Authorize button; auto_error=False: open when no keys are set.

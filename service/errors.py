@@ -14,12 +14,12 @@ log = logging.getLogger("service")
 
 
 class UploadError(ValueError):
-    """A request whose upload cannot be segmented (not multipart, too large, not an image, corrupt); `status` and
-    `code` say how the HTTP layer reports it."""
+    """A request that cannot be segmented (not multipart, too large, not an image, corrupt; or not now: overloaded,
+    timed out); `status`, `code` and `headers` say how the HTTP layer reports it."""
 
-    def __init__(self, status: int, code: str, detail: str):
+    def __init__(self, status: int, code: str, detail: str, headers: dict | None = None):
         super().__init__(detail)
-        self.status, self.code, self.detail = status, code, detail
+        self.status, self.code, self.detail, self.headers = status, code, detail, headers
 
 
 def error_response(status: int, code: str, detail: str, headers: dict | None = None) -> JSONResponse:
@@ -30,7 +30,7 @@ HTTP_CODES = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 
 
 
 async def on_upload_error(request: Request, e: UploadError) -> JSONResponse:
-    return error_response(e.status, e.code, e.detail)
+    return error_response(e.status, e.code, e.detail, e.headers)
 
 
 async def on_validation_error(request: Request, e: RequestValidationError) -> JSONResponse:

@@ -1,5 +1,16 @@
-"""One image's way through the service, for the routes: decode and queue it, then wait for it and encode the
-answer's pictures. No HTTP here; the caller holds the request timeout."""
+"""One image's way through the service, stage by stage, and where each stage runs:
+
+    read         the route: the body streamed in and capped (upload.py)
+    decode       one hop on the upload's lane: a codec thread, or for an upload over LARGE_PIXELS the large
+    preprocess   lane (one at a time: a large upload never queues ahead of small ones)
+    forward      an inference thread, in a batch with whatever else is queued (batcher.py)
+    postprocess  CPU: one hop right after the forward (`finish`): on the inference thread itself, its mask split
+    encode       over the idle codec threads, when the image is alone; else on the upload's lane.
+                 CUDA: postprocess on the inference thread (a few kernels), encode on the upload's lane
+    answer       the route again: JSON or the PNG itself (schemas.py)
+
+No HTTP here; the caller holds the request timeout.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +20,14 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import torch
-from PIL import Image
 
 from models.classes import ClassSet
 
-from .batcher import Batcher, Job
+from .batcher import Job
 from .decode import LARGE_PIXELS, Decoded, decode_upload, header_pixels
-from .predictor import Prediction, Predictor, grey_png, mask_png, overlay_jpeg
+from .deps import State
+from .encode import Encoded, Finished, Prediction, encode
+from .predictor import Predictor
 from .schemas import Timings, ms
 from .settings import Settings
 
@@ -27,11 +39,19 @@ class Options:
 
 
 @dataclass
-class Queued:
+class Work:
+    """One image between its stages: what the stages after the forward need, whichever thread runs them."""
+
     upload: Decoded
-    job: Job
-    lane: Executor
-    started: float  # when this image's work began (its upload read, for a single image)
+    options: Options
+    lane: Executor  # the thread(s) that decoded it: its postprocess (CPU) and encode run there too
+    large: bool  # on the large lane
+    predictor: Predictor
+    alpha: float  # the overlay's opacity
+
+    @property
+    def size(self) -> tuple[int, int]:  # (H, W): the mask's
+        return self.upload.size[1], self.upload.size[0]
 
 
 @dataclass
@@ -45,58 +65,56 @@ class Segmented:
     timings: Timings
 
 
-async def decode_and_queue(data: bytes, started: float, settings: Settings, predictor: Predictor, batcher: Batcher,
-                           codec: Executor, large: Executor, options: Options, pixels: int | None = None) -> Queued:
-    """Decode and preprocess on the codec threads (an upload over LARGE_PIXELS on the large lane, so it never
-    queues ahead of small ones), then queue it for the model. `pixels`: its header's pixel count, when the caller
-    has read it already. Raises UploadError, QueueFull."""
-    lane = large if (header_pixels(data) if pixels is None else pixels) > LARGE_PIXELS else codec
+@dataclass
+class Queued:
+    work: Work
+    job: Job
+    started: float  # when this image's work began (its upload read, for a single image)
+
+
+async def queue(state: State, data: bytes, options: Options, started: float, pixels: int | None = None) -> Queued:
+    """Decode, preprocess and queue one upload for the forward (`pixels`: its header's count, when the caller has
+    read it already). Raises UploadError, QueueFull."""
+    large = (header_pixels(data) if pixels is None else pixels) > LARGE_PIXELS
+    lane = state.large if large else state.codec
     upload, tensor = await asyncio.get_running_loop().run_in_executor(
-        lane, decode_and_preprocess, data, settings, predictor, options.overlay)
-    width, height = upload.size
-
-    def finish(result: Prediction) -> Encoded:  # on the thread that postprocessed it, right after (CPU)
-        return encoded(upload.full, result, predictor.meta.classes, options.overlay, settings.overlay_alpha)
-
-    job = batcher.enqueue(tensor, (height, width), None if lane is codec else lane, options.confidence, finish)
-    return Queued(upload, job, lane, started)
+        lane, decode_and_preprocess, data, state.settings, state.predictor, options.overlay)
+    work = Work(upload, options, lane, large, state.predictor, state.settings.overlay_alpha)
+    return Queued(work, state.batcher.enqueue(tensor, work), started)
 
 
-async def wait_and_encode(queued: Queued, predictor: Predictor, settings: Settings, options: Options) -> Segmented:
+async def result(queued: Queued) -> Segmented:
+    """Wait for the forward, the postprocess and the encode (the batcher runs `finish` on a CPU; on CUDA the encode
+    runs here, on the upload's lane)."""
     t1 = time.perf_counter()
-    job = queued.job
-    result = await job.future
+    work, job = queued.work, queued.job
+    done: Finished = await job.future
     t2 = time.perf_counter()
-    if job.finished is None:  # postprocessed on the device (CUDA): encoded here, on the upload's lane
-        job.finished = await asyncio.get_running_loop().run_in_executor(queued.lane, job.finish, result)
-    else:  # encoded by the batcher right after the postprocess, before the result came
-        t2 -= job.finished.seconds
-    out: Encoded = job.finished
+    if done.encoded is None:  # CUDA
+        done.encoded = await asyncio.get_running_loop().run_in_executor(work.lane, encode_work, work, done.prediction)
+    else:  # encoded right after the postprocess, before the result came back
+        t2 -= done.encoded.seconds
+    out = done.encoded
     timings = Timings(decode=ms(t1 - queued.started), queue=ms(job.started - job.enqueued),
                       inference=ms(t2 - job.started), encode=ms(out.seconds))
-    return Segmented(*queued.upload.size, result, out.png, out.overlay, out.confidence, timings)
+    return Segmented(*work.upload.size, done.prediction, out.png, out.overlay, out.confidence, timings)
 
 
 def decode_and_preprocess(data: bytes, settings: Settings, predictor: Predictor,
                           overlay: bool) -> tuple[Decoded, torch.Tensor]:
-    """The upload decoded (shrunk for the network; kept whole too when an overlay is drawn on it) and preprocessed."""
+    """Decode (shrunk for the network; kept whole too when an overlay is drawn on it) and preprocess."""
     upload = decode_upload(data, settings.max_pixels, settings.max_aspect_ratio, max(predictor.meta.input_size),
                            keep_full=overlay)
     return upload, predictor.preprocess(upload.image)
 
 
-@dataclass
-class Encoded:
-    png: bytes
-    overlay: bytes | None
-    confidence: bytes | None
-    seconds: float  # how long the encoding took
+def finish(work: Work, logits: torch.Tensor, helpers: Executor | None = None, parts: int = 1) -> Finished:
+    """Postprocess and encode, in one hop right after the forward (a CPU's inference or codec thread): `parts` bands
+    of the mask, `parts - 1` of them on `helpers`."""
+    prediction = work.predictor.postprocess(logits, work.size, work.options.confidence, helpers, parts)
+    return Finished(prediction, encode_work(work, prediction))
 
 
-def encoded(image: Image.Image | None, result: Prediction, classes: ClassSet, overlay: bool, alpha: float) -> Encoded:
-    """The palette PNG mask; the overlay JPEG and the confidence PNG when asked for."""
-    t0 = time.perf_counter()
-    png = mask_png(result.mask, classes.palette())
-    over = overlay_jpeg(image, result.mask, classes.palette(), alpha) if overlay else None
-    conf = grey_png(result.confidence) if result.confidence is not None else None
-    return Encoded(png, over, conf, time.perf_counter() - t0)
+def encode_work(work: Work, prediction: Prediction) -> Encoded:
+    classes: ClassSet = work.predictor.meta.classes
+    return encode(prediction, classes, work.upload.full if work.options.overlay else None, work.alpha)

@@ -1,11 +1,10 @@
-"""Plain torch inference: preprocess one image, predict a batch, encode the results. No HTTP here."""
+"""Plain torch inference: preprocess one image, run the network on a batch, postprocess each image's logits into
+its mask and counts. No HTTP, no encoding here (encode.py)."""
 
 from __future__ import annotations
 
-import io
 import time
 from concurrent.futures import Executor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,26 +12,12 @@ import torch
 from PIL import Image
 
 from models.checkpoint import Checkpoint, load_checkpoint
-from models.errors import ConfigError
+from models.devices import resolve_device
 from models.processing import flip_averaged, logits_to_mask, logits_to_mask_and_confidence, preprocess
 
 from .backends import Selection, select_backend
-
-
-@dataclass
-class Prediction:
-    mask: np.ndarray  # (H, W) uint8 class indices, the upload's exact size
-    counts: list[int]  # pixels per class, summing to H*W
-    confidence: np.ndarray | None = None  # (H, W) uint8 round(255 x the chosen class's softmax probability)
-    mean_confidence: list[float | None] | None = None  # per class, over its pixels (None: it has none)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("SEGMENT_DEVICE=cuda but no CUDA GPU is visible; use auto or cpu")
-    return torch.device(name)
+from .encode import Prediction
+from .settings import Settings
 
 
 def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
@@ -53,10 +38,16 @@ class Predictor:
     @classmethod
     def load(cls, path: Path, device: str = "auto", precision: str = "auto", backend: str = "torch",
              cache_dir: Path | None = None, streams: int = 0, tta: str = "none") -> Predictor:
-        dev = pick_device(device)
+        dev = resolve_device(device, option="SEGMENT_DEVICE")
         checkpoint = load_checkpoint(path, "cpu")
         return cls(checkpoint, select_backend(checkpoint, dev, pick_dtype(precision, dev), backend, cache_dir,
                                               streams), tta)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Predictor:
+        """The checkpoint, device, precision, backend, cache folder, streams and TTA the settings name."""
+        return cls.load(settings.checkpoint, settings.device, settings.precision, settings.backend, settings.cache_dir,
+                        settings.inference_streams, settings.tta)
 
     @property
     def precision(self) -> str:
@@ -117,34 +108,3 @@ class Predictor:
             b = batch_size if i % 2 else 1
             self.predict(torch.zeros(b, 3, h, w), [(h, w)] * b)
         return time.perf_counter() - t0
-
-
-def mask_png(mask: np.ndarray, palette: list[int]) -> bytes:
-    """A palette PNG: pixel values are class indices, the palette is the class colours."""
-    im = Image.fromarray(mask, mode="P")
-    im.putpalette(palette)
-    buf = io.BytesIO()
-    im.save(buf, format="PNG", compress_level=3)
-    return buf.getvalue()
-
-
-def grey_png(values: np.ndarray) -> bytes:
-    """An 8-bit greyscale PNG of (H, W) uint8 values."""
-    buf = io.BytesIO()
-    Image.fromarray(values, mode="L").save(buf, format="PNG", compress_level=3)
-    return buf.getvalue()
-
-
-def overlay_jpeg(image: Image.Image, mask: np.ndarray, palette: list[int], alpha: float,
-                 rows_per_strip: int = 256) -> bytes:
-    """The mask in its class colours over the RGB image, blended by Pillow in 8 bits, strip by strip onto `image`
-    itself (it is drawn on): a 40 MP overlay holds no full-size colour or blended copy beside the upload (-320 MB)."""
-    colored = Image.fromarray(mask, mode="P")
-    colored.putpalette(palette)
-    for top in range(0, image.height, rows_per_strip):
-        box = (0, top, image.width, min(image.height, top + rows_per_strip))
-        image.paste(Image.blend(image.crop(box), colored.crop(box).convert("RGB"), alpha), box)
-    buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=85)
-    return buf.getvalue()
-

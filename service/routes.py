@@ -9,6 +9,8 @@ import itertools
 import json
 import re
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -16,21 +18,13 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from . import pipeline
 from .batcher import QueueFull
 from .decode import header_pixels
-from .deps import (
-    BatcherDep,
-    CodecDep,
-    LargeLaneDep,
-    PredictorDep,
-    SettingsDep,
-    StateDep,
-    require_key,
-    require_key_for_metrics,
-)
+from .deps import ReadyDep, State, StateDep, require_key, require_key_for_metrics
 from .errors import UploadError, error_response
 from .metrics import REGISTRY
-from .pipeline import Options, Segmented, decode_and_queue, wait_and_encode
+from .pipeline import Options, Segmented
 from .predictor import Predictor
 from .schemas import (
     BatchResponse,
@@ -76,65 +70,68 @@ ConfidenceQuery = Annotated[bool, Query(description="add a greyscale PNG of each
                                                     "mean confidence")]
 
 
+@asynccontextmanager
+async def segmenting(state: State) -> AsyncIterator[None]:
+    """The start both /segment routes share: refused at once when every queue slot is taken (503, before the body is
+    read or decoded: a refused request costs nothing), then the request timeout (504) around the upload, decode,
+    queue, inference and encode."""
+    s = state.settings
+    overloaded = UploadError(503, "overloaded", f"{s.queue_size} requests are already waiting; retry shortly",
+                             {"Retry-After": "1"})
+    if state.batcher.at_capacity():
+        raise overloaded
+    try:
+        async with asyncio.timeout(s.request_timeout_s):
+            yield
+    except QueueFull:
+        raise overloaded from None
+    except TimeoutError:
+        raise UploadError(504, "timeout", f"no result within {s.request_timeout_s:g} s; the service is overloaded, "
+                          "retry later") from None
+
+
 @router.post("/segment", response_model=SegmentResponse, responses={**ERRORS, **PNG_ANSWER},
              dependencies=[Depends(require_key)], response_model_exclude_unset=True)
-async def segment(request: Request, settings: SettingsDep, predictor: PredictorDep, batcher: BatcherDep,
-                  codec: CodecDep, large: LargeLaneDep, overlay: OverlayQuery = False,
+async def segment(request: Request, state: ReadyDep, overlay: OverlayQuery = False,
                   confidence: ConfidenceQuery = False):
-    if batcher.at_capacity():  # before the body is read or decoded: a refused request costs nothing
-        return overloaded(settings)
-    options = Options(overlay, confidence)
-    try:
-        async with asyncio.timeout(settings.request_timeout_s):  # upload, decode, queue, inference and encode
-            with batcher.arriving():  # a forming batch waits for this request while it is on its way
-                t0 = time.perf_counter()
-                data = await read_image_field(request, settings.max_upload_bytes, settings.body_timeout_s)
-                queued = await decode_and_queue(data, t0, settings, predictor, batcher, codec, large, options)
-            done = await wait_and_encode(queued, predictor, settings, options)
-            request.state.timings = done.timings.model_dump()  # for the access log
-    except QueueFull:
-        return overloaded(settings)
-    except TimeoutError:
-        return timed_out(settings)
+    s, options = state.settings, Options(overlay, confidence)
+    async with segmenting(state):
+        with state.batcher.arriving():  # a forming batch waits for this request while it is on its way
+            t0 = time.perf_counter()
+            data = await read_image_field(request, s.max_upload_bytes, s.body_timeout_s)
+            queued = await pipeline.queue(state, data, options, t0)
+        done = await pipeline.result(queued)
+    request.state.timings = done.timings.model_dump()  # for the access log
     if wants_png(request):
-        counts = dict(zip(predictor.meta.classes.names, done.result.counts, strict=True))
+        counts = dict(zip(state.predictor.meta.classes.names, done.result.counts, strict=True))
         return Response(done.png, media_type="image/png", headers={"X-Class-Pixels": json.dumps(counts)})
-    return answer(done, predictor, request.state.request_id)
+    return answer(done, state.predictor, request.state.request_id)
 
 
 @router.post("/segment/batch", response_model=BatchResponse, responses=ERRORS, dependencies=[Depends(require_key)],
              response_model_exclude_unset=True)
-async def segment_batch(request: Request, settings: SettingsDep, predictor: PredictorDep, batcher: BatcherDep,
-                        codec: CodecDep, large: LargeLaneDep, overlay: OverlayQuery = False,
+async def segment_batch(request: Request, state: ReadyDep, overlay: OverlayQuery = False,
                         confidence: ConfidenceQuery = False):
     """Several frames in one multipart request (parts named `images`): one answer each, in upload order; a frame
     that cannot be segmented gets its own error and does not fail the others."""
-    if batcher.at_capacity():
-        return overloaded(settings)
-    options = Options(overlay, confidence)
-    try:
-        async with asyncio.timeout(settings.request_timeout_s):
-            with batcher.arriving():
-                t0 = time.perf_counter()
-                files = await read_file_parts(request, settings.max_upload_bytes, settings.body_timeout_s, "images",
-                                              settings.max_batch_files)
-                pixels = [header_pixels(data) for _, data in files]
-                queued = await asyncio.gather(*(decode_and_queue(data, t0, settings, predictor, batcher, codec,
-                                                                 large, options, n) if ok else refused(settings)
-                                                for (_, data), n, ok in zip(files, pixels,
-                                                                            within_budget(pixels, settings),
-                                                                            strict=True)),
-                                              return_exceptions=True)
+    s, options = state.settings, Options(overlay, confidence)
+    async with segmenting(state):
+        with state.batcher.arriving():
+            t0 = time.perf_counter()
+            files = await read_file_parts(request, s.max_upload_bytes, s.body_timeout_s, "images", s.max_batch_files)
+            pixels = [header_pixels(data) for _, data in files]
+            fits = within_budget(pixels, s)
+            queued = await asyncio.gather(*(pipeline.queue(state, data, options, t0, n) if ok else refused(s)
+                                            for (_, data), n, ok in zip(files, pixels, fits, strict=True)),
+                                          return_exceptions=True)
 
-            async def finish(q):  # a frame that failed to decode or queue keeps its error
-                return q if isinstance(q, Exception) else await wait_and_encode(q, predictor, settings, options)
+        async def result(q):  # a frame that failed to decode or queue keeps its error
+            return q if isinstance(q, Exception) else await pipeline.result(q)
 
-            done = await asyncio.gather(*(finish(q) for q in queued), return_exceptions=True)
-    except TimeoutError:
-        return timed_out(settings)
+        done = await asyncio.gather(*(result(q) for q in queued), return_exceptions=True)
     rid = request.state.request_id
     return BatchResponse(request_id=rid, results=[
-        item_error(name, d) if isinstance(d, Exception) else answer(d, predictor, rid, name)
+        item_error(name, d) if isinstance(d, Exception) else answer(d, state.predictor, rid, name)
         for (name, _), d in zip(files, done, strict=True)])
 
 
@@ -165,20 +162,10 @@ def item_error(filename: str, e: Exception) -> ItemError:
     raise e  # anything else is a bug: the middleware answers 500 and logs it
 
 
-def timed_out(settings: Settings) -> Response:
-    return error_response(504, "timeout", f"no result within {settings.request_timeout_s:g} s; the service is "
-                          "overloaded, retry later")
-
-
-def overloaded(settings: Settings) -> Response:
-    return error_response(503, "overloaded", f"{settings.queue_size} requests are already waiting; retry shortly",
-                          {"Retry-After": "1"})
-
-
 @router.get("/model", response_model=ModelInfo)
-async def model(predictor: PredictorDep):
-    return model_info(predictor.checkpoint, str(predictor.device), predictor.backend.name, predictor.precision,
-                      predictor.backend_notes, predictor.streams, predictor.tta)
+async def model(state: ReadyDep):
+    p = state.predictor
+    return model_info(p.checkpoint, str(p.device), p.backend.name, p.precision, p.backend_notes, p.streams, p.tta)
 
 
 @router.get("/", include_in_schema=False)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import base64
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field
 
-from models.checkpoint import Checkpoint
 from models.classes import ClassSet
 
-from .predictor import Prediction
+from .encode import Prediction, b64
+
+if TYPE_CHECKING:  # annotations only: the response models need no torch
+    from models.checkpoint import Checkpoint
 
 
 class ErrorBody(BaseModel):
@@ -101,10 +103,6 @@ class ModelInfo(BaseModel):
 
 def hexcolor(rgb: tuple[int, int, int]) -> str:
     return "#{:02x}{:02x}{:02x}".format(*rgb)
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
 
 
 def ms(seconds: float) -> float:

@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 
 from models.checkpoint import load_checkpoint
 from service.app import create_app
-from service.decode import decode_image
+from service.decode import decode_upload
 from service.metrics import REGISTRY
 from service.predictor import Predictor
 from service.settings import Settings
@@ -27,9 +27,9 @@ FRAMES = sorted((CAMVID / "images").iterdir())
 
 
 def masks(predictor: Predictor, batch: bool, frames=FRAMES) -> list[np.ndarray]:
-    images = [decode_image(f.read_bytes(), 10**9) for f in frames]
+    images = [decode_upload(f.read_bytes(), 10**9).image for f in frames]
     x = torch.stack([predictor.preprocess(im) for im in images])
-    sizes = [(im.height, im.width) for im in images]
+    sizes = [im.shape[:2] for im in images]
     if batch:
         return [r.mask for r in predictor.predict(x, sizes)]
     return [predictor.predict(x[i:i + 1], sizes[i:i + 1])[0].mask for i in range(len(images))]

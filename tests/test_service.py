@@ -23,7 +23,9 @@ from models.processing import logits_to_mask, preprocess
 from models.unet import UNet, UNetConfig
 from service.app import create_app
 from service.batcher import Batcher
+from service.decode import Decoded
 from service.metrics import REGISTRY
+from service.pipeline import Options, Work, finish
 from service.predictor import Predictor
 from service.settings import Settings
 
@@ -183,7 +185,7 @@ def test_plain_png_frames_are_decoded_by_libspng_to_pillows_pixels_and_the_rest_
 
 
 def test_the_overlay_drawn_in_strips_is_the_whole_image_blend():
-    from service.predictor import overlay_jpeg
+    from service.encode import overlay_jpeg
     base = Image.open(IMAGE).convert("RGB")
     mask = np.random.default_rng(0).integers(0, 11, (72, 96), dtype=np.uint8)
     palette = np.random.default_rng(1).integers(0, 256, 33).tolist()
@@ -195,9 +197,9 @@ def test_the_overlay_drawn_in_strips_is_the_whole_image_blend():
 
 
 def test_sixteen_bit_grey_keeps_its_contrast():
-    from service.decode import decode_image
+    from service.decode import decode_upload
     arr = np.array([[0, 65535], [32896, 257]], dtype=np.uint16)
-    rgb = np.array(decode_image(encoded(Image.fromarray(arr), "PNG"), 100))
+    rgb = decode_upload(encoded(Image.fromarray(arr), "PNG"), 100).image
     assert rgb[..., 0].tolist() == [[0, 255], [128, 1]]
 
 
@@ -276,6 +278,11 @@ def test_concurrent_requests_are_batched(checkpoint):
         assert "segment_batch_size_bucket" in metrics and "segment_queue_depth" in metrics
 
 
+def work(predictor: Predictor, im: Image.Image, lane) -> Work:
+    """One image as the pipeline hands it to the batcher."""
+    return Work(Decoded(np.array(im), im.size), Options(), lane, False, predictor, 0.5)
+
+
 @pytest.mark.parametrize("post_threads", [0, 2])
 def test_batched_results_match_one_image_at_a_time(checkpoint, post_threads):
     """The worker's batches, postprocessed on the inference thread (CUDA's way) or on other threads while the
@@ -287,9 +294,9 @@ def test_batched_results_match_one_image_at_a_time(checkpoint, post_threads):
 
     async def batched():
         post = ThreadPoolExecutor(post_threads) if post_threads else None
-        batcher = Batcher(predictor, max_batch_size=8, max_wait_ms=500, queue_size=8, post_executor=post)
+        batcher = Batcher(predictor, max_batch_size=8, max_wait_ms=500, queue_size=8, finish=finish, helpers=post)
         with batcher.arriving():  # all three are queued before the worker looks: one batch
-            jobs = [batcher.enqueue(t, (im.height, im.width)) for t, im in zip(tensors, images, strict=True)]
+            jobs = [batcher.enqueue(t, work(predictor, im, post)) for t, im in zip(tensors, images, strict=True)]
             batcher.start()
         results = await asyncio.gather(*(j.future for j in jobs))
         await batcher.drain()
@@ -298,7 +305,9 @@ def test_batched_results_match_one_image_at_a_time(checkpoint, post_threads):
     before = forward_passes()
     results = asyncio.run(batched())
     assert forward_passes() - before == 1
-    for got, want, im in zip(results, alone, images, strict=True):
+    for done, want, im in zip(results, alone, images, strict=True):
+        got = done.prediction
+        assert (done.encoded is None) == (post_threads == 0)  # CUDA's way: the pipeline encodes on the lane
         assert got.mask.shape == (im.height, im.width) and sum(got.counts) == im.width * im.height
         assert got.counts == np.bincount(got.mask.ravel(), minlength=12).tolist()
         assert (got.mask == want.mask).mean() > 0.999  # batch 3 vs 1 may round differently at exact ties
@@ -312,32 +321,34 @@ def test_a_lone_request_is_postprocessed_at_once_on_the_idle_cores_and_a_batch_o
     images = [Image.open(IMAGE).convert("RGB").resize(size) for size in [(96, 72), (50, 40), (130, 90)]]
     tensors = [predictor.preprocess(im) for im in images]
     alone = [predictor.predict(t[None], [(im.height, im.width)])[0] for t, im in zip(tensors, images, strict=True)]
+    where = {}
 
-    def finish(result):  # stands for the pipeline's encoding: where it ran, and what it was given
-        return threading.current_thread().name, result.mask.copy()
+    def finish_where(w, logits, helpers=None, parts=1):  # the pipeline's own `finish`, noting the thread it ran on
+        where[id(w)] = threading.current_thread().name
+        return finish(w, logits, helpers, parts)
 
     async def run():
         codec = ThreadPoolExecutor(1, thread_name_prefix="codec")
-        batcher = Batcher(predictor, max_batch_size=8, max_wait_ms=500, queue_size=8, post_executor=codec,
-                          post_helpers=1)
+        batcher = Batcher(predictor, max_batch_size=8, max_wait_ms=500, queue_size=8, finish=finish_where,
+                          helpers=codec, post_helpers=1)
         batcher.start()
-        lone = batcher.enqueue(tensors[0], (images[0].height, images[0].width), finish=finish)
+        lone = batcher.enqueue(tensors[0], work(predictor, images[0], codec))
         await lone.future
         with batcher.arriving():  # three queued at once: one batch, under load
-            jobs = [batcher.enqueue(t, (im.height, im.width), finish=finish) for t, im in zip(tensors, images,
-                                                                                             strict=True)]
+            jobs = [batcher.enqueue(t, work(predictor, im, codec)) for t, im in zip(tensors, images, strict=True)]
         await asyncio.gather(*(j.future for j in jobs))
         await batcher.drain()
         codec.shutdown()
         return lone, jobs
 
     lone, jobs = asyncio.run(run())
-    assert lone.finished[0].startswith("inference")
-    assert np.array_equal(lone.future.result().mask, alone[0].mask)
-    assert np.array_equal(lone.finished[1], alone[0].mask) and lone.future.result().counts == alone[0].counts
+    assert where[id(lone.work)].startswith("inference")
+    done = lone.future.result()
+    assert np.array_equal(done.prediction.mask, alone[0].mask) and done.prediction.counts == alone[0].counts
+    assert np.array_equal(np.array(Image.open(io.BytesIO(done.encoded.png))), alone[0].mask)  # encoded there too
     for job, want in zip(jobs, alone, strict=True):
-        assert job.finished[0].startswith("codec")
-        assert (job.future.result().mask == want.mask).mean() > 0.999  # batch 3 vs 1 may round at exact ties
+        assert where[id(job.work)].startswith("codec")
+        assert (job.future.result().prediction.mask == want.mask).mean() > 0.999  # batch 3 vs 1: ties may round
 
 
 def test_startup_objects_are_frozen_out_of_the_garbage_collector(client):

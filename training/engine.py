@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from models.errors import ConfigError, UserError
+from models import devices
+from models.errors import UserError
 from models.processing import logits_to_mask
 
 from .metrics import ConfusionMatrix
@@ -50,15 +51,8 @@ class Dist:
 
 
 def resolve_device(name: str, d: Dist = Dist()) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("--device cuda, but no CUDA GPU is visible to PyTorch; use --device cpu or auto")
-        return torch.device("cuda", d.local_rank)
-    if name != "cpu":
-        raise ConfigError(f"--device must be auto, cpu or cuda, not {name!r}")
-    return torch.device("cpu")
+    """--device for this process (its local rank's GPU under torchrun)."""
+    return devices.resolve_device(name, d.local_rank)
 
 
 @dataclass(frozen=True)
