@@ -51,6 +51,7 @@ from models.encoders import normalization  # noqa: E402
 from models.unet import UNet, UNetConfig  # noqa: E402
 from service.decode import decode_upload  # noqa: E402
 from service.predictor import Predictor  # noqa: E402
+from service.settings import Settings  # noqa: E402
 
 BACKENDS = ("torch", "onnxruntime", "openvino")
 
@@ -265,7 +266,7 @@ def run_server(server: Server, images, levels, total) -> dict:
         log.close()
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "camvid")
     p.add_argument("--checkpoint", type=Path, help="default: the default architecture, untrained")
@@ -285,14 +286,11 @@ def main() -> None:
                    help="settings for our service only, e.g. SEGMENT_TTA=flip against --baseline . (the same tree "
                         "without them): the cost of a setting")
     p.add_argument("--no-record", action="store_true")
-    args = p.parse_args()
-    levels = tuple(args.levels)
-    images = [f.read_bytes() for f in sorted((args.data / "images").iterdir())[:32]]
-    tmp = Path(tempfile.mkdtemp())
-    ckpt = (args.checkpoint or untrained_checkpoint(args.data, tuple(args.size), tmp / "bench.safetensors")).resolve()
+    return p.parse_args()
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    args.batch = args.batch or (16 if device == "cuda" else 1)
+
+def servers_for(args: argparse.Namespace, ckpt: Path) -> dict[str, Server]:
+    """Ours, the --baseline checkout's, LitServe's: each a server process started per round."""
     def service(port: int, cwd: Path = ROOT, extra: dict | None = None) -> Server:
         base = f"http://127.0.0.1:{port}"
         return Server([sys.executable, "-m", "service"], {
@@ -309,79 +307,114 @@ def main() -> None:
         servers["LitServe"] = Server([sys.executable, str(ROOT / "bench" / "litserve_app.py"), str(ckpt),
                                       str(args.port + 1), str(args.batch), str(args.wait_ms)], {},
                                      f"{lit}/health", f"{lit}/segment")
-    others = [name for name in servers if name != "ours"]
-    # Rounds, each measuring the limit and then every server, in alternating order: a shared machine's speed
-    # drifts by ±10% over minutes, so ratios are taken within a round and their median reported.
-    # The limit is measured before each round and once after the last; a round's own limit is the mean of the
-    # two measurements that bracket it.
-    raws, runs = [], {name: {c: [] for c in levels} for name in servers}
+    return servers
+
+
+def measure(servers: dict[str, Server], ckpt: Path, images: list[bytes], args: argparse.Namespace) -> tuple:
+    """Rounds, each measuring the limit and then every server, in alternating order: a shared machine's speed
+    drifts by ±10% over minutes, so ratios are taken within a round and their median reported. The limit is
+    measured before each round and once after the last. Returns the limit measurements and each server's runs."""
+    raws, runs = [], {name: {c: [] for c in args.levels} for name in servers}
     for r in range(args.rounds):
         raws.append(raw_forward(ckpt, images, args.batch))
         print(f"round {r + 1} raw: {raws[-1]}", flush=True)
         for name in (list(servers) if r % 2 == 0 else list(servers)[::-1]):
-            for c, res in run_server(servers[name], images, levels, args.requests).items():
+            for c, res in run_server(servers[name], images, tuple(args.levels), args.requests).items():
                 runs[name][c].append(res)
                 print(f"round {r + 1} {name} c{c}: {res['rps']:.2f} images/s", flush=True)
     raws.append(raw_forward(ckpt, images, args.batch))
     print(f"final raw: {raws[-1]}", flush=True)
-    limit = statistics.median(x["limit"] for x in raws)
-    bracket = [(raws[r]["limit"] + raws[r + 1]["limit"]) / 2 for r in range(args.rounds)]
+    return raws, runs
 
-    def ratios(name: str, c: int, other) -> list[float]:
+
+class Report:
+    """The table and the summary of a run: ratios within each round (a round's own limit is the mean of the two
+    limit measurements that bracket it), medians over rounds."""
+
+    def __init__(self, args: argparse.Namespace, raws: list[dict], runs: dict):
+        self.args, self.raws, self.runs, self.levels = args, raws, runs, tuple(args.levels)
+        self.others = [name for name in runs if name != "ours"]
+        self.bracket = [(raws[r]["limit"] + raws[r + 1]["limit"]) / 2 for r in range(args.rounds)]
+
+    def ratios(self, name: str, c: int, other) -> list[float]:
         """Per round: server `name`'s throughput at concurrency c over other(round)."""
-        return [o["rps"] / other(r) for r, o in enumerate(runs[name][c])]
+        return [o["rps"] / other(r) for r, o in enumerate(self.runs[name][c])]
 
-    def vs(other: str, c: int) -> list[float]:
-        return ratios("ours", c, lambda r: runs[other][c][r]["rps"])
+    def vs_raw(self, name: str, c: int) -> list[float]:
+        return self.ratios(name, c, lambda r: self.bracket[r])
 
-    def row(cells: list[str]) -> str:
-        return "| " + " | ".join(cells) + " |"
+    def vs(self, other: str, c: int) -> list[float]:
+        return self.ratios("ours", c, lambda r: self.runs[other][c][r]["rps"])
 
-    rows = [row(["server", "concurrency", "images/s", "p50 ms", "p95 ms", "p99 ms", "vs raw forward",
-                 *(f"vs {o}" for o in others)]), "|---" * (7 + len(others)) + "|"]
-    for name in servers:
-        for c in levels:
-            s = summarise(runs[name][c])
-            vs_raw = statistics.median(ratios(name, c, lambda r: bracket[r]))
-            cells = [f"{statistics.median(vs(o, c)):.2f}×" if name == "ours" else "" for o in others]
-            rows.append(row([name, str(c), f"{s['rps']:.2f}", f"{s['p50']:.0f}", f"{s['p95']:.0f}", f"{s['p99']:.0f}",
-                             f"{vs_raw:.2f}×", *cells]))
-    decode_forward = statistics.median(x["decode_forward_ms"] for x in raws)
-    p50_c1 = summarise(runs["ours"][min(levels)])["p50"]
-    b1 = statistics.median(x["forward_b1"] for x in raws)
-    fastest = statistics.mode(x["backend"] for x in raws)
-    by_backend = {n: statistics.median(x["by_backend"][n] for x in raws) for n in raws[0]["by_backend"]}
-    limits = {n: statistics.median(x["limit_by_backend"][n] for x in raws) for n in raws[0]["limit_by_backend"]}
-    streams = [k for k in raws[0] if k.endswith("_streams")]
-    summary = (f"raw forward = the fastest bare forward installed, {fastest} (median of {len(raws)} measurements; "
-               "batch-1 images/s: " + ", ".join(f"{n} {v:.2f}" for n, v in by_backend.items()) + "; best of batch 1"
-               + (f", batch {args.batch}" if args.batch > 1 else "") + " and parallel streams: "
-               + ", ".join(f"{n} {v:.2f}" for n, v in limits.items()) +
-               f"): {b1:.2f} images/s at batch 1" + "".join(
-                   f", {statistics.median(x[k] for x in raws if k in x):.2f} with {k.split('_')[1]} streams at once"
-                   for k in streams) +
-               f"; limit {limit:.2f}; decode + single forward {decode_forward:.0f} ms. Ours "
-               "vs raw forward by round: " + "; ".join(
-                   f"c{c} {listed(ratios('ours', c, lambda r: bracket[r]))}" for c in levels if c > 1) +
-               f". p50 at concurrency {min(levels)}: {p50_c1 / decode_forward:.2f}× decode + single forward.")
-    for name in servers:  # `auto` times the backends at each start, so a round may serve with another one
-        if runs[name][levels[0]][0]["backend"]:
-            summary += f" {name.capitalize()} served with, by round: " + ", ".join(
-                r["backend"] for r in runs[name][levels[0]]) + "."
-    for o in others:
-        summary += f" Ours vs {o} by round: " + "; ".join(f"c{c} {listed(vs(o, c))}" for c in levels) + "."
-    if args.baseline:
-        summary += f" Baseline: the checkout at {args.baseline}" + (f" ({args.baseline_label})." if
-                                                                     args.baseline_label else ".")
-    table = "\n".join(rows)
+    def table(self) -> str:
+        def row(cells: list[str]) -> str:
+            return "| " + " | ".join(cells) + " |"
+
+        rows = [row(["server", "concurrency", "images/s", "p50 ms", "p95 ms", "p99 ms", "vs raw forward",
+                     *(f"vs {o}" for o in self.others)]), "|---" * (7 + len(self.others)) + "|"]
+        for name in self.runs:
+            for c in self.levels:
+                s = summarise(self.runs[name][c])
+                cells = [f"{statistics.median(self.vs(o, c)):.2f}×" if name == "ours" else "" for o in self.others]
+                rows.append(row([name, str(c), f"{s['rps']:.2f}", f"{s['p50']:.0f}", f"{s['p95']:.0f}",
+                                 f"{s['p99']:.0f}", f"{statistics.median(self.vs_raw(name, c)):.2f}×", *cells]))
+        return "\n".join(rows)
+
+    def limits(self) -> str:
+        raws, batch = self.raws, self.args.batch
+        median = statistics.median
+        by_backend = {n: median(x["by_backend"][n] for x in raws) for n in raws[0]["by_backend"]}
+        limits = {n: median(x["limit_by_backend"][n] for x in raws) for n in raws[0]["limit_by_backend"]}
+        streams = [k for k in raws[0] if k.endswith("_streams")]
+        return (f"raw forward = the fastest bare forward installed, {statistics.mode(x['backend'] for x in raws)} "
+                f"(median of {len(raws)} measurements; batch-1 images/s: "
+                + ", ".join(f"{n} {v:.2f}" for n, v in by_backend.items()) + "; best of batch 1"
+                + (f", batch {batch}" if batch > 1 else "") + " and parallel streams: "
+                + ", ".join(f"{n} {v:.2f}" for n, v in limits.items())
+                + f"): {median(x['forward_b1'] for x in raws):.2f} images/s at batch 1" + "".join(
+                    f", {median(x[k] for x in raws if k in x):.2f} with {k.split('_')[1]} streams at once"
+                    for k in streams)
+                + f"; limit {median(x['limit'] for x in raws):.2f}; decode + single forward "
+                  f"{self.decode_forward():.0f} ms.")
+
+    def decode_forward(self) -> float:
+        return statistics.median(x["decode_forward_ms"] for x in self.raws)
+
+    def summary(self) -> str:
+        c1 = min(self.levels)
+        text = (self.limits() + " Ours vs raw forward by round: "
+                + "; ".join(f"c{c} {listed(self.vs_raw('ours', c))}" for c in self.levels if c > 1)
+                + f". p50 at concurrency {c1}: "
+                  f"{summarise(self.runs['ours'][c1])['p50'] / self.decode_forward():.2f}× decode + single forward.")
+        for name in self.runs:  # `auto` times the backends at each start, so a round may serve with another one
+            if self.runs[name][self.levels[0]][0]["backend"]:
+                text += f" {name.capitalize()} served with, by round: " + ", ".join(
+                    r["backend"] for r in self.runs[name][self.levels[0]]) + "."
+        for o in self.others:
+            text += f" Ours vs {o} by round: " + "; ".join(f"c{c} {listed(self.vs(o, c))}" for c in self.levels) + "."
+        if self.args.baseline:
+            label = self.args.baseline_label
+            text += f" Baseline: the checkout at {self.args.baseline}" + (f" ({label})." if label else ".")
+        return text
+
+
+def main() -> None:
+    args = parse_args()
+    images = [f.read_bytes() for f in sorted((args.data / "images").iterdir())[:32]]
+    tmp = Path(tempfile.mkdtemp())
+    ckpt = (args.checkpoint or untrained_checkpoint(args.data, tuple(args.size), tmp / "bench.safetensors")).resolve()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.batch = Settings(max_batch_size=args.batch).batch_size_for(torch.device(device))
+    raws, runs = measure(servers_for(args, ckpt), ckpt, images, args)
+    report = Report(args, raws, runs)
+    table, summary = report.table(), report.summary()
     print(table + "\n" + summary)
     if not args.no_record:
         cmd = shlex.join(["python", "bench/serve.py", *sys.argv[1:]])
         with (ROOT / "BENCHMARKS.md").open("a") as f:
             f.write(f"\n### Serving — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC\n\n`{cmd}` — {args.rounds} rounds of "
                     f"{args.requests} requests per level, CamVid 480×360 PNGs, max batch {args.batch}, "
-                    f"wait {args.wait_ms} ms, "
-                    f"{hardware(device)}, torch {torch.__version__}.\n\n"
+                    f"wait {args.wait_ms} ms, {hardware(device)}, torch {torch.__version__}.\n\n"
                     f"{table}\n\n{summary}\n")
 
 

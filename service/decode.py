@@ -21,7 +21,8 @@ except ImportError:
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
 SERVED_FORMATS = {*ALLOWED_FORMATS, "MPO"}
 REDUCIBLE = {"L", "LA", "RGB", "RGBA", "CMYK", "I", "F"}  # modes Image.reduce takes as they are
-ACCEPTED = "JPEG, PNG, WebP, BMP, TIFF or GIF"
+ACCEPTED = "JPEG, PNG, WebP, BMP, TIFF or GIF"  # ALLOWED_FORMATS, as people name them
+ACCEPTED_TYPES = ",".join(f"image/{f.lower()}" for f in ALLOWED_FORMATS)  # the same, as media types
 
 
 def sniff_format(data: bytes) -> str | None:

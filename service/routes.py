@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import pipeline
 from .batcher import QueueFull
-from .decode import header_pixels
+from .decode import ACCEPTED, ACCEPTED_TYPES, header_pixels
 from .deps import ReadyDep, State, StateDep, require_key, require_key_for_metrics
 from .errors import UploadError, error_response
 from .metrics import REGISTRY
@@ -39,7 +39,8 @@ from .schemas import (
 from .settings import Settings
 from .upload import read_file_parts, read_image_field
 
-DEMO_PAGE = (Path(__file__).parent / "static" / "index.html").read_text()
+DEMO_PAGE = ((Path(__file__).parent / "static" / "index.html").read_text()
+             .replace("{{accepted_types}}", ACCEPTED_TYPES).replace("{{accepted}}", ACCEPTED))
 
 
 def content_security_policy(page: str) -> str:
@@ -197,7 +198,7 @@ def document_upload(app: FastAPI, settings: Settings) -> None:
     field and the JSON form to the OpenAPI schema, with this instance's limits (FastAPI's "extending OpenAPI"
     recipe)."""
     limits = f"at most {settings.max_upload_bytes} bytes and {settings.max_pixels} pixels"
-    accepted = f"JPEG, PNG, WebP, BMP, TIFF or GIF; {limits}"
+    accepted = f"{ACCEPTED}; {limits}"
     body = {"required": True, "content": {
         "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
             "image": {"type": "string", "format": "binary", "minLength": 1, "description": accepted}}}},

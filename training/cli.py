@@ -23,7 +23,8 @@ from .config import add_options, from_args
 from .data import DataError, SegmentationDataset, collate, image_size, open_folder, read_image, read_label
 from .download import SOURCES, Source, fetch
 from .engine import Amp, evaluate, lr_find, resolve_device
-from .trainer import KEPT_METRICS, fit, fmt, set_encoder_frozen, valid_split_name
+from .run import KEPT_METRICS, fmt, valid_split_name
+from .trainer import fit, set_encoder_frozen
 from .transforms import eval_transforms, train_transforms
 from .viz import colorize, plot_lr_find, results_grid
 
