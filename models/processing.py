@@ -126,11 +126,7 @@ def sparse_mask(logits: np.ndarray, size: tuple[int, int], void_index: int | Non
     height, width = size
     if (h, w) == (height, width):
         return low
-    # same[i, j]: the 2x2 block from (i, j) holds one class (the last row and column repeated: their blocks are
-    # clamped to the edge, as the resize's source indices are)
-    p = np.empty((h + 1, w + 1), dtype=np.uint8)  # np.pad(low, ((0, 1), (0, 1)), mode="edge"), in 0.1x its time
-    p[:h, :w], p[h, :w], p[:, w] = low, low[-1], p[:, w - 1]
-    same = (low == p[1:, :-1]) & (low == p[:-1, 1:]) & (low == p[1:, 1:])
+    same = _uniform_blocks(low)
     y0, y1, wy0, wy1 = _bilinear_sources(height, h)
     x0, x1, wx0, wx1 = _bilinear_sources(width, w)
     flat = x.reshape(len(x), h * w)
@@ -143,25 +139,42 @@ def sparse_mask(logits: np.ndarray, size: tuple[int, int], void_index: int | Non
         if not len(edge):
             return
         r, col = np.divmod(edge, width)
-        ya, yb, a0, a1 = y0[s][r] * w, y1[s][r] * w, wy0[s][r], wy1[s][r]
-        xa, xb, b0, b1 = x0[col], x1[col], wx0[col], wx1[col]
-        # (K, n): ((l00 b0 + l01 b1) a0 + (l10 b0 + l11 b1) a1), F.interpolate's order of operations, in place
-        v, t = np.take(flat, ya + xa, axis=1), np.take(flat, ya + xb, axis=1)
-        v *= b0
-        t *= b1
-        v += t
-        v *= a0
-        u, t = np.take(flat, yb + xa, axis=1), np.take(flat, yb + xb, axis=1)
-        u *= b0
-        t *= b1
-        u += t
-        u *= a1
-        v += u
+        v = _bilinear_at(flat, (y0[s][r] * w, y1[s][r] * w, wy0[s][r], wy1[s][r]),
+                         (x0[col], x1[col], wx0[col], wx1[col]))
         band.reshape(-1)[edge] = classes[argmax_first(v)]
 
     rows = max(1, strip_pixels // width)
     _split(strip, _bands(height, max(parts, -(-height // rows))), helpers)
     return out
+
+
+def _uniform_blocks(low: np.ndarray) -> np.ndarray:
+    """same[i, j]: the 2x2 block from (i, j) of `low` holds one class (the last row and column repeated: their blocks
+    are clamped to the edge, as the resize's source indices are)."""
+    h, w = low.shape
+    p = np.empty((h + 1, w + 1), dtype=np.uint8)  # np.pad(low, ((0, 1), (0, 1)), mode="edge"), in 0.1x its time
+    p[:h, :w], p[h, :w], p[:, w] = low, low[-1], p[:, w - 1]
+    return (low == p[1:, :-1]) & (low == p[:-1, 1:]) & (low == p[1:, 1:])
+
+
+def _bilinear_at(flat: np.ndarray, rows: tuple, cols: tuple) -> np.ndarray:
+    """(K, h*w) logits → (K, n) logits at n output pixels, from their source rows (offsets ya, yb = row x w, weights
+    a0, a1) and columns (xa, xb, weights b0, b1): ((l00 b0 + l01 b1) a0 + (l10 b0 + l11 b1) a1), F.interpolate's
+    order of operations, in place."""
+    ya, yb, a0, a1 = rows
+    xa, xb, b0, b1 = cols
+    v, t = np.take(flat, ya + xa, axis=1), np.take(flat, ya + xb, axis=1)
+    v *= b0
+    t *= b1
+    v += t
+    v *= a0
+    u, t = np.take(flat, yb + xa, axis=1), np.take(flat, yb + xb, axis=1)
+    u *= b0
+    t *= b1
+    u += t
+    u *= a1
+    v += u
+    return v
 
 
 def _bands(n: int, parts: int) -> list[slice]:

@@ -1,16 +1,23 @@
+import io
 import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from fastapi.testclient import TestClient
+from PIL import Image
 
-from models.checkpoint import CheckpointMeta
+from models.checkpoint import CheckpointMeta, save_checkpoint
 from models.classes import ClassSet, read_codes, read_label_colors
 from models.unet import UNet, UNetConfig
+from service.app import create_app
+from service.metrics import REGISTRY
+from service.settings import Settings
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CAMVID = FIXTURES / "camvid"  # 6 real CamVid frames (4 train, 2 valid) shrunk to 96x72
+SHIPPED = Path(__file__).resolve().parents[1] / "models" / "camvid.safetensors"
 
 
 @pytest.fixture
@@ -46,3 +53,39 @@ def segment_cache(tmp_path_factory) -> Path:
         os.environ.pop("SEGMENT_CACHE_DIR", None)
     else:
         os.environ["SEGMENT_CACHE_DIR"] = before
+
+
+# The service's tests share a small checkpoint, an app built on it and a few upload helpers.
+
+IMAGE = sorted((CAMVID / "images").iterdir())[0]  # a real CamVid frame, 96x72
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A small untrained U-Net whose input size (64x96) differs from the uploads', to exercise resizing."""
+    classes = ClassSet.from_names(read_codes(CAMVID / "codes.txt"), read_label_colors(CAMVID / "label_colors.txt"))
+    torch.manual_seed(0)
+    config = UNetConfig("resnet18", classes.num_classes, (64, 32, 16, 16, 8))
+    meta = CheckpointMeta(model=config, classes=classes, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                          input_size=(64, 96), metrics={"mean_iou": 0.5})
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors", UNet(config), meta)
+
+def make_client(checkpoint, **overrides) -> TestClient:
+    settings = Settings(checkpoint=checkpoint, device="cpu", warmup_passes=1, **overrides)
+    return TestClient(create_app(settings))
+
+@pytest.fixture(scope="module")
+def client(checkpoint):
+    with make_client(checkpoint) as c:
+        yield c
+
+def forward_passes() -> int:
+    """Batches the service has run through the model, as /metrics reports them."""
+    return int(REGISTRY.get_sample_value("segment_batch_size_count") or 0)
+
+def encoded(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+def post(client, data: bytes, name="x.png", **kw):
+    return client.post("/segment", files={"image": (name, data, "application/octet-stream")}, **kw)

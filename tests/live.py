@@ -43,3 +43,9 @@ def start_service(settings: dict[str, str], timeout: float = 60, uvicorn_cli: bo
         time.sleep(0.25)
     proc.kill()
     raise TimeoutError(f"{base}/ready did not answer 200 within {timeout}s")
+
+
+def raw_request(port: int, head: bytes) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    s.sendall(head)
+    return s

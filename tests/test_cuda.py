@@ -18,8 +18,7 @@ from training.engine import Amp, train_one_epoch
 from training.losses import SegmentationLoss
 from training.transforms import train_transforms
 
-from .conftest import CAMVID
-from .test_shipped_model import SHIPPED
+from .conftest import CAMVID, SHIPPED
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to PyTorch")]

@@ -7,7 +7,7 @@ from training.cli import main
 from training.data import open_folder
 from training.download import DownloadError, Source, fetch
 
-from .conftest import CAMVID
+from ..conftest import CAMVID
 
 
 @pytest.fixture

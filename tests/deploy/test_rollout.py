@@ -21,9 +21,8 @@ from collections import Counter
 import httpx
 import pytest
 
-from .conftest import FIXTURES
-from .live import ROOT, free_port, start_service
-from .test_service import checkpoint  # noqa: F401  (the module's small checkpoint, input size 64x96)
+from ..conftest import FIXTURES
+from ..live import ROOT, free_port, start_service
 
 
 def system_binary(name: str) -> str | None:

@@ -12,7 +12,8 @@ import yaml
 from models import __version__
 from service.settings import Settings
 
-ROOT = Path(__file__).resolve().parents[1]
+from ..live import ROOT
+
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 

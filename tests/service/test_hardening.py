@@ -2,7 +2,6 @@
 slow bodies, admission before work, security headers."""
 
 import io
-import socket
 import subprocess
 import threading
 import time
@@ -13,8 +12,8 @@ from PIL import Image
 
 from service import routes
 
-from .live import start_service
-from .test_service import IMAGE, checkpoint, encoded, make_client, post  # noqa: F401
+from ..conftest import IMAGE, encoded, make_client, post
+from ..live import raw_request, start_service
 
 
 @pytest.fixture(scope="module")
@@ -105,12 +104,6 @@ def test_the_openapi_upload_field_says_it_cannot_be_empty(client):
     spec = client.get("/openapi.json").json()
     field = spec["paths"]["/segment"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert field["properties"]["image"]["minLength"] == 1
-
-
-def raw_request(port: int, head: bytes) -> socket.socket:
-    s = socket.create_connection(("127.0.0.1", port), timeout=30)
-    s.sendall(head)
-    return s
 
 
 def test_slow_bodies_time_out_admission_comes_before_work_and_sigterm_does_not_wait_for_them(checkpoint):  # noqa: F811

@@ -17,8 +17,7 @@ from training.engine import evaluate
 from training.metrics import ConfusionMatrix
 from training.transforms import eval_transforms
 
-from .conftest import CAMVID
-from .test_shipped_model import SHIPPED
+from ..conftest import CAMVID, SHIPPED
 
 
 def test_service_and_evaluate_make_the_same_mask_for_the_same_image():

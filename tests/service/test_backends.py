@@ -22,8 +22,7 @@ from service.predictor import Predictor
 from service.settings import Settings
 from training.cli import main
 
-from .conftest import CAMVID
-from .test_service import checkpoint  # noqa: F401  (the module's small checkpoint, input size 64x96)
+from ..conftest import CAMVID
 
 FRAMES = sorted((CAMVID / "images").iterdir())
 
@@ -122,7 +121,7 @@ def test_the_export_is_cached_by_checkpoint_and_versions_and_a_bad_entry_is_rewr
 
 
 def _shipped():
-    from .test_shipped_model import SHIPPED
+    from ..conftest import SHIPPED
     return SHIPPED
 
 

@@ -10,8 +10,7 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import negative_data_rejection, positive_data_acceptance
 
-from .live import start_service
-from .test_service import checkpoint  # noqa: F401
+from ..live import start_service
 
 KEY = "schemathesis-key"
 

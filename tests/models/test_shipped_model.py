@@ -1,15 +1,12 @@
 """The model that `make serve` serves out of the box is real and self-describing."""
 
 import json
-from pathlib import Path
 
 from models.checkpoint import load_checkpoint
 from service.settings import DEFAULT_CHECKPOINT
 from training.cli import main
 
-from .conftest import CAMVID
-
-SHIPPED = Path(__file__).resolve().parents[1] / "models" / "camvid.safetensors"
+from ..conftest import CAMVID, SHIPPED
 
 
 def test_shipped_model_is_the_service_default_and_describes_itself():

@@ -21,10 +21,8 @@ from models.processing import logits_to_mask, logits_to_mask_and_confidence, pre
 from service.client import SegmentClient, SegmentError
 from service.metrics import REGISTRY
 
-from .conftest import CAMVID
-from .live import start_service
-from .test_hardening import raw_request
-from .test_service import IMAGE, checkpoint, make_client, post  # noqa: F401
+from ..conftest import CAMVID, IMAGE, make_client, post
+from ..live import raw_request, start_service
 
 KEYS = "key-one,key-two"
 

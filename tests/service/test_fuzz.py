@@ -12,7 +12,7 @@ from PIL import Image
 from service.decode import decode_upload
 from service.errors import UploadError
 
-from .test_service import IMAGE, checkpoint, make_client  # noqa: F401
+from ..conftest import IMAGE, make_client
 
 SEEDS = [IMAGE.read_bytes()]
 for fmt, kw in (("JPEG", {}), ("GIF", {}), ("BMP", {}), ("TIFF", {}), ("WEBP", {}), ("PNG", {"optimize": True})):
@@ -22,6 +22,8 @@ for fmt, kw in (("JPEG", {}), ("GIF", {}), ("BMP", {}), ("TIFF", {}), ("WEBP", {
 
 
 @st.composite
+
+
 def mutated_images(draw) -> bytes:
     """A real image of an allowed format with a few bytes changed, a piece cut out or junk appended: the
     headers and chunk lengths a parser trusts are where it breaks."""
@@ -38,6 +40,8 @@ def mutated_images(draw) -> bytes:
 @pytest.mark.filterwarnings("ignore::UserWarning:PIL.TiffImagePlugin")  # Pillow's notes on the broken TIFFs it reads
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.one_of(mutated_images(), st.binary(max_size=256)), st.booleans(), st.sampled_from([None, 16]))
+
+
 def test_the_decoder_answers_an_image_or_an_upload_error(data, keep_full, shrink_to):
     try:  # plain RGB PNGs the network takes as they are go to libspng (plain_png); the rest through Pillow
         decoded = decode_upload(data, max_pixels=1_000_000, shrink_to=shrink_to, keep_full=keep_full)
@@ -62,6 +66,8 @@ parts = st.lists(st.tuples(st.sampled_from(["image", "file", "", "imag\xe9", "im
                                                                   HealthCheck.function_scoped_fixture])
 @given(boundary=st.text(st.characters(codec="ascii", exclude_characters="\r\n\x00"), min_size=0, max_size=300),
        fields=parts, junk=st.binary(max_size=32), cut=st.integers(0, 200))
+
+
 def test_the_multipart_reader_answers_json_whatever_the_body(client, boundary, fields, junk, cut):
     body = b"".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n".encode("utf-8",
                     "replace") + data + b"\r\n" for name, data in fields) + f"--{boundary}--\r\n".encode() + junk

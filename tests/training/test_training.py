@@ -16,7 +16,7 @@ from training.engine import Dist
 from training.trainer import TrainConfig, fit
 from training.transforms import eval_transforms
 
-from .conftest import CAMVID
+from ..conftest import CAMVID, SHIPPED
 
 SMALL = dict(encoder="tf_efficientnet_lite0", decoder_channels=(64, 32, 16, 16, 8), bs=4, workers=0,
              show_progress=False)
@@ -283,7 +283,7 @@ def test_evaluate_scores_a_labelled_test_only_folder_and_training_still_needs_tr
         label = CAMVID / "labels" / f"{image.stem}_P.png"
         Image.fromarray(read_label(label)).save(folder / "testannot" / image.name)
     (folder / "codes.txt").write_text((CAMVID / "codes.txt").read_text())
-    shipped = Path(__file__).resolve().parents[1] / "models" / "camvid.safetensors"
+    shipped = SHIPPED
     assert main(["evaluate", "--data", str(folder), "--checkpoint", str(shipped), "--split", "test",
                  "--workers", "0"]) == 0
     out = capsys.readouterr().out

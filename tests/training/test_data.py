@@ -8,7 +8,7 @@ from PIL import Image
 from models.classes import ClassFileError
 from training.data import DataError, open_folder, read_label
 
-from .conftest import CAMVID
+from ..conftest import CAMVID
 
 
 def test_fastai_layout_is_detected_with_its_classes_split_and_fingerprint():

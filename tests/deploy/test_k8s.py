@@ -23,10 +23,9 @@ from service.app import create_app
 from service.metrics import QUEUE_DEPTH
 from service.settings import Settings
 
-from .conftest import CAMVID
-from .live import free_port
+from ..conftest import CAMVID
+from ..live import ROOT, free_port
 
-ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
 OVERLAYS = ("gpu", "gpu-cuda12", "cpu")
 KUBERNETES = "1.32.0"  # the schema version checked (kubernetes-validate knows 1.x up to its own version)

@@ -3,7 +3,6 @@ the argmax keeps torch's tie rule; preprocess gives the same numbers whatever th
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,9 +14,8 @@ from PIL import Image
 from models.checkpoint import load_checkpoint
 from models.processing import argmax_first, dense_mask, logits_to_mask, preprocess, sparse_mask
 
-from .conftest import CAMVID
+from ..conftest import CAMVID, SHIPPED
 
-SHIPPED = Path(__file__).resolve().parents[1] / "models" / "camvid.safetensors"
 SIZES = [(100, 37), (9, 13), (4, 5), (1000, 3), (360, 480), (1, 1), (2, 40)]
 
 

@@ -9,8 +9,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from .conftest import CAMVID
-from .live import ROOT, start_service
+from ..conftest import CAMVID
+from ..live import ROOT, start_service
 
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 IMAGE = CAMVID / "images" / "0016E5_07959.png"  # a real CamVid frame, 96x72
