@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test lint setup tools serve bench-train bench-serve bench-runtimes bench-ceiling gpu-wheels gpu-check clean
+.PHONY: test lint setup tools docs serve bench-train bench-serve bench-runtimes bench-ceiling gpu-wheels gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ lint: setup
 
 test: lint tools
 	$(PY) -m pytest -q
+
+# docs/configuration.md, from the Settings and TrainConfig fields (a test fails when it is stale)
+docs: setup
+	$(PY) docs/make_configuration.py
 
 # Serves SEGMENT_CHECKPOINT (default models/camvid.safetensors) on http://127.0.0.1:8000
 serve: setup

@@ -63,14 +63,18 @@ class Settings(BaseSettings):
                              "inference threads")
     overlay_alpha: float = Field(0.5, ge=0, le=1, description="mask opacity in overlays")
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
-        [], description="comma-separated keys; when set, /segment needs 'Authorization: Bearer KEY' or 'X-API-Key: "
-                        "KEY' (401 otherwise); empty: open")
+        [], description="comma-separated keys; when set, /segment and /segment/batch need 'Authorization: Bearer KEY' "
+                        "or 'X-API-Key: KEY' (401 otherwise, before the body is read); /health, /ready, /, /docs stay "
+                        "open; empty: open")
     metrics_require_key: bool = Field(False, description="/metrics needs a key too (when api_keys is set)")
     cors_origins: Annotated[list[str], NoDecode] = Field(
-        [], description="comma-separated origins allowed to call from a browser ('*' for any); empty: no CORS")
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
-    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+        [], description="comma-separated origins allowed to call from a browser ('*' for any); X-Request-ID and "
+                        "X-Class-Pixels are exposed to them; empty: no CORS")
+    host: str = Field("127.0.0.1", description="where `python -m service` listens")
+    port: int = Field(8000, ge=1, le=65535, description="the port `python -m service` listens on")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="uvicorn's and the service's own lines on stderr (which backend serves and why, start-up, "
+                            "SIGTERM, a client that hung up)")
     log_format: Literal["text", "json"] = Field("text", description="json: one JSON access-log line per request on "
                                                 "stdout (request_id, route, status, bytes, timings, backend), "
                                                 "instead of uvicorn's text access log")

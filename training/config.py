@@ -27,7 +27,7 @@ class TrainConfig:
                                           metavar=("H", "W"))
     decoder_channels: tuple[int, ...] = option((256, 128, 64, 32, 16), "channels of the 5 decoder blocks, deepest "
                                                "first (smp.Unet's default)", nargs=5, metavar="C")
-    epochs: int = option(20)
+    epochs: int = option(20, "total epochs, the frozen ones included")
     freeze_epochs: int | None = option(None, "epochs with a frozen encoder (default: a quarter of the epochs when "
                                        "the encoder is pretrained)")
     progressive: bool = option(True, "train the frozen phase at full size instead of half size",
@@ -61,9 +61,10 @@ class TrainConfig:
                                 "then not held out")
     init: Path | None = option(None, "start from a trained checkpoint's weights (fine-tuning; same encoder, decoder, "
                                "classes); no frozen phase unless --freeze-epochs says so", metavar="CHECKPOINT")
-    device: str = option("auto", choices=["auto", "cpu", "cuda"])
+    device: str = option("auto", "auto: CUDA when present (AMP bf16/fp16, channels_last), else the CPU",
+                         choices=["auto", "cpu", "cuda"])
     workers: int = option(2, "DataLoader worker processes")
-    seed: int = option(0)
+    seed: int = option(0, "seeds the weights, the augmentation and the order: a CPU run is repeatable")
     run_dir: Path | None = option(None, "logs, last checkpoint, resume state (default runs/<out stem>)")
     resume: bool = option(False, "continue the run in --run-dir")
     resume_if_any: bool = option(False, "continue the run in --run-dir if it holds one, else start it there (for "
