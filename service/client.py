@@ -50,6 +50,7 @@ class Segmentation:
     overlay_jpeg: bytes | None
     confidence: np.ndarray | None  # (H, W) uint8, 255 = certain
     request_id: str
+    model: dict | None = None  # what served it: name, sha256, backend, precision, tta
 
 
 def parse(item: dict, filename: str) -> Segmentation:
@@ -59,7 +60,8 @@ def parse(item: dict, filename: str) -> Segmentation:
         filename, item["width"], item["height"], np.array(Image.open(io.BytesIO(png))), png,
         {c["name"]: c["pixels"] for c in item["classes"]}, item["classes"],
         base64.b64decode(item["overlay"]) if item.get("overlay") else None,
-        np.array(Image.open(io.BytesIO(base64.b64decode(confidence)))) if confidence else None, item["request_id"])
+        np.array(Image.open(io.BytesIO(base64.b64decode(confidence)))) if confidence else None, item["request_id"],
+        item.get("model"))
 
 
 class SegmentClient:
