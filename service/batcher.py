@@ -143,9 +143,8 @@ class Batcher:
 
     def _forward_and_postprocess(self, batch: torch.Tensor, jobs: list[Job]) -> list[Finished]:
         """On the inference thread (CUDA): the batch's forward, then each image's mask and counts on the device."""
-        logits = self.predictor.forward(batch)
-        return [Finished(self.predictor.postprocess(x, j.work.size, j.work.options.confidence), None)
-                for j, x in zip(jobs, logits, strict=True)]
+        results = self.predictor.predict(batch, [j.work.size for j in jobs], [j.work.options.confidence for j in jobs])
+        return [Finished(r, None) for r in results]
 
     def _forward(self, batch: torch.Tensor, jobs: list[Job]) -> tuple[torch.Tensor, list[Finished] | None, float]:
         """On an inference thread (CPU): the forward, then, if nothing else waits for the cores, the lone image's
