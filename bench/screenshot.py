@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.live import start_service  # noqa: E402
-from tests.test_browser import CHROMIUM, FLAGS  # noqa: E402
+from tests.service.test_browser import CHROMIUM, FLAGS  # noqa: E402
 
 
 def main() -> None:

@@ -30,8 +30,10 @@ def main() -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from .app import create_app
+    from .connections import Protocol
 
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+                http=Protocol, h11_max_incomplete_event_size=settings.max_header_bytes,
                 timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
                 access_log=settings.log_format == "text")  # json: the service writes its own access lines
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import resource
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
@@ -17,6 +18,7 @@ from models import __version__
 
 from .backends import cpu_cores
 from .batcher import Batcher
+from .connections import STATE_KEY, Guard, raise_open_file_limit
 from .deps import State
 from .errors import install_error_handlers
 from .metrics import ObserveRequests, use_json_access_log, use_service_log
@@ -36,6 +38,10 @@ DESCRIPTION = ("U-Net street-scene segmentation. `POST /segment` with an image; 
 async def lifespan(app: FastAPI):
     state: State = app.state.segment
     settings = state.settings
+    before, open_files = raise_open_file_limit()
+    guard = Guard(settings.connection_limits(open_files))
+    log.info("open-file limit %d (was %d; hard %d): up to %d connections", open_files, before,
+             resource.getrlimit(resource.RLIMIT_NOFILE)[1], guard.limits.max_connections)
     codec_threads = settings.codec_thread_count()
     state.codec = ThreadPoolExecutor(codec_threads, thread_name_prefix="codec")
     state.large = ThreadPoolExecutor(1, thread_name_prefix="codec-large")
@@ -61,7 +67,7 @@ async def lifespan(app: FastAPI):
     restore_sigterm = drain_on_sigterm(state, settings.shutdown_delay_s)
     log.info("serving %s on %s with %s (%s, batches of up to %d, %d at once), warm-up %.2fs", settings.checkpoint,
              predictor.device, predictor.backend.name, predictor.precision, batch_size, predictor.streams, seconds)
-    yield
+    yield {STATE_KEY: guard}  # uvicorn hands this state to each connection's protocol (connections.py)
     restore_sigterm()
     state.ready = False
     await state.batcher.drain()

@@ -56,6 +56,10 @@ LATENCY = Histogram("segment_request_seconds", "HTTP request latency", ["route"]
 BATCH_SIZE = Histogram("segment_batch_size", "images per forward pass", registry=REGISTRY,
                        buckets=(1, 2, 4, 8, 16, 32, 64))
 QUEUE_DEPTH = Gauge("segment_queue_depth", "requests waiting for the model", registry=REGISTRY)
+CONNECTIONS_CLOSED = Counter("segment_connections_closed_total", "connections the server closed to keep room or time "
+                             "(service/connections.py), by reason", ["reason"], registry=REGISTRY)
+OPEN_CONNECTIONS = Gauge("segment_open_connections", "HTTP connections open", registry=REGISTRY)
+MAX_CONNECTIONS = Gauge("segment_max_connections", "the cap on open HTTP connections", registry=REGISTRY)
 INFERENCE_SECONDS = Histogram(
     "segment_inference_seconds",
     "seconds the inference worker spends per batch: the forward pass, plus the postprocess on CUDA (on a CPU "

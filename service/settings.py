@@ -12,6 +12,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 if TYPE_CHECKING:
     import torch
 
+    from .connections import Limits
+
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "camvid.safetensors"
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "camvid-segment"
 
@@ -51,6 +53,18 @@ class Settings(BaseSettings):
                                      "and inference included; beyond it 504")
     body_timeout_s: float = Field(20.0, gt=0, description="the longest a request body may take to arrive; beyond "
                                   "it 408 (a client trickling bytes cannot hold a slot)")
+    header_timeout_s: float = Field(10.0, gt=0, description="the longest a request line and its headers may take to "
+                                    "arrive, from the connection's start (or its next request's first byte); "
+                                    "beyond it the connection closes (408 when part of a head came)")
+    max_request_line: int = Field(8190, ge=256, description="request line cap in bytes (414 beyond)")
+    max_header_fields: int = Field(100, ge=8, description="header field count cap (431 beyond)")
+    max_header_bytes: int = Field(32768, ge=1024, description="cap on a request's head (request line and header "
+                                  "fields) in bytes, counted as it arrives (431 beyond)")
+    max_connections: int = Field(
+        0, ge=0, description="open HTTP connections; at the cap a new one closes the oldest idle or still-sending-"
+                             "its-head connection, and is refused (503) only when all have requests in flight. 0: "
+                             "derived from the open-file limit (raised to its hard limit at start-up): an eighth "
+                             "of it, at least 128, kept for other files; at most 16,384")
     shutdown_delay_s: float = Field(
         0.0, ge=0, le=300, description="on SIGTERM, how long /ready answers 503 while requests are still accepted "
                                        "and served, before the server stops accepting: set it above your load "
@@ -86,6 +100,12 @@ class Settings(BaseSettings):
 
     def batch_size_for(self, device: torch.device) -> int:
         return self.max_batch_size or (16 if device.type == "cuda" else 1)
+
+    def connection_limits(self, open_files: int) -> Limits:
+        from .connections import Limits, default_max_connections
+
+        return Limits(self.header_timeout_s, self.max_request_line, self.max_header_fields, self.max_header_bytes,
+                      self.max_connections or default_max_connections(open_files))
 
     def codec_thread_count(self) -> int:
         """codec_threads, or with 0 half of the cores this process may run on (its CPU set), at least 1."""

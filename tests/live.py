@@ -20,15 +20,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_service(settings: dict[str, str], timeout: float = 60, uvicorn_cli: bool = False,
+def start_service(settings: dict[str, str], timeout: float = 60, uvicorn_cli: bool = False, http: str = "",
                   **popen) -> tuple[subprocess.Popen, str, dict]:
     """Returns (process, base URL, its environment) once GET /ready answers 200; the caller stops it. The server is
-    `python -m service`, or with `uvicorn_cli` README's `uvicorn --factory service.app:create_app`."""
+    `python -m service`, or with `uvicorn_cli` README's `uvicorn --factory service.app:create_app` (with
+    `--http HTTP` when given)."""
     env = {**os.environ, "SEGMENT_PORT": str(free_port()), **settings}
     command = [sys.executable, "-m", "service"]
     if uvicorn_cli:
         command = [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app",
-                   "--port", env["SEGMENT_PORT"]]
+                   "--port", env["SEGMENT_PORT"]] + (["--http", http] if http else [])
     proc = subprocess.Popen(command, env=env, cwd=ROOT, **popen)
     base = f"http://127.0.0.1:{env['SEGMENT_PORT']}"
     deadline = time.monotonic() + timeout
