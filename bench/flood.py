@@ -6,7 +6,11 @@ connections send nothing and `--slow` ones send a request head one byte every `-
 reconnects `--reconnect-after` s after the server closes it: the flood keeps its size), and prints the normal
 requests' success rate and latency ratio, how long the server let flood connections live and its /metrics counts.
 
-    python bench/flood.py --image ../shared/camvid/images/0016E5_08157.png           # issue 23's 600 + 600, 45 s
+    python bench/flood.py --image ../shared/camvid/images/0016E5_08157.png           # 600 + 600, 45 s
+    python bench/flood.py --image ../shared/camvid/images/0016E5_08157.png --plain   # the same, plain uvicorn
+
+`--plain` runs README's `uvicorn --factory service.app:create_app` without `--http service.connections:Protocol`:
+uvicorn's own parser and connection handling, for comparison.
 """
 
 from __future__ import annotations
@@ -135,11 +139,12 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=45)
     p.add_argument("--byte-every", type=float, default=3.0)
     p.add_argument("--reconnect-after", type=float, default=1.0)
+    p.add_argument("--plain", action="store_true", help="plain uvicorn, without service/connections.py")
     args = p.parse_args()
     raise_own_limit()
     limit = args.open_files
     proc, base, env = start_service(
-        {"SEGMENT_DEVICE": "cpu", "SEGMENT_LOG_LEVEL": "error"}, timeout=300,
+        {"SEGMENT_DEVICE": "cpu", "SEGMENT_LOG_LEVEL": "error"}, timeout=300, uvicorn_cli=args.plain,
         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit)))
     try:
         image = args.image.read_bytes()
@@ -150,17 +155,19 @@ def main() -> None:
         time.sleep(2)  # the flood opens
         fail1, during = normal_requests(base, image, args.seconds - 4)
         thread.join()
-        counts = closed_counts(base)
+        counts = closed_counts(base) if not args.plain else {}
     finally:
         proc.terminate()
         proc.wait(60)
     total = fail1 + len(during)
-    print(f"CPU: {cpu_name()}; server open-file limit {limit}; flood "
+    server = "plain uvicorn" if args.plain else "python -m service"
+    print(f"{server}; CPU: {cpu_name()}; open-file limit {limit}; flood "
           f"{args.silent} silent + {args.slow} slow-header, {args.seconds:g} s")
     print(f"normal POST /segment alone: {len(before)} ok, {fail0} failed, "
           f"median {statistics.median(before) * 1e3:.1f} ms")
+    median = statistics.median(during) if during else float("nan")
     print(f"during the flood: {len(during)}/{total} ok ({len(during) / max(total, 1):.1%}), median "
-          f"{statistics.median(during) * 1e3:.1f} ms = {statistics.median(during) / statistics.median(before):.2f}x")
+          f"{median * 1e3:.1f} ms = {median / statistics.median(before):.2f}x")
     life = sorted(stats.lifetimes)
     print(f"flood: {stats.opened} connections opened, {stats.closed_by_server} closed by the server (median life "
           f"{statistics.median(life) if life else 0:.1f} s, longest {max(life) if life else 0:.1f} s), "
