@@ -21,7 +21,7 @@ from .batcher import Batcher
 from .connections import STATE_KEY, Guard, raise_open_file_limit
 from .deps import State
 from .errors import install_error_handlers
-from .metrics import ObserveRequests, use_json_access_log, use_service_log
+from .metrics import SERVING, ObserveRequests, use_json_access_log, use_service_log
 from .pipeline import finish
 from .predictor import Predictor
 from .routes import document_upload, router
@@ -49,6 +49,8 @@ async def lifespan(app: FastAPI):
     batch_size = settings.batch_size_for(predictor.device)
     seconds = await asyncio.to_thread(predictor.warmup, settings.warmup_passes, batch_size)
     state.predictor = predictor
+    SERVING.clear()
+    SERVING.labels(predictor.backend.name, predictor.precision, str(predictor.device)).set(1)
     if predictor.device.type == "cpu" and predictor.backend.name != "torch":
         # torch only preprocesses here (resize, normalise: ~1 ms an image, on the codec threads): on one thread it
         # never wakes a second pool to compete with the runtime's for the cores (BENCHMARKS.md)

@@ -30,13 +30,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from models import __version__
 from models.checkpoint import Checkpoint
 from models.export import INPUT, OPSET, OUTPUT, export_onnx, onnx_metadata
+from models.precision import REDUCED, SANITY_PHOTO
 from models.processing import preprocess
+
+from .precisions import LABELS, SANITY, card_summary, reduced_candidates
 
 log = logging.getLogger("service")
 
@@ -76,8 +80,8 @@ class TorchBackend:
 class OnnxRuntimeBackend:
     name, precision, device = "onnxruntime", "float32", torch.device("cpu")
 
-    def __init__(self, path: Path, cache_dir: Path | None, streams: int = 1):
-        self.streams = streams
+    def __init__(self, path: Path, cache_dir: Path | None, streams: int = 1, precision: str = "float32"):
+        self.streams, self.precision = streams, precision  # int8: `path` is the checkpoint's int8 model
         self.session = self._session(path, cpu_cores())  # a forward alone: every core
         # Overlapping forwards share one narrower session (ONNX Runtime sessions take concurrent runs; with one
         # thread each runs on its caller's thread).
@@ -102,12 +106,14 @@ class OnnxRuntimeBackend:
 class OpenVinoBackend:
     name, precision, device = "openvino", "float32", torch.device("cpu")
 
-    def __init__(self, path: Path, cache_dir: Path | None, streams: int = 1):
+    def __init__(self, path: Path, cache_dir: Path | None, streams: int = 1, precision: str = "float32"):
         import openvino as ov
 
-        # f32: on CPUs with AMX/AVX-512 bf16 OpenVINO would otherwise run in bf16 (2.4x faster here, but only 98.9%
-        # of pixels agree with fp32: BENCHMARKS.md).
-        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+        # f32 unless bf16 is asked for (precisions.py): on CPUs with AMX/AVX-512 bf16 OpenVINO would otherwise run
+        # in bf16 by itself. An int8 (QDQ) model runs its quantised operations in int8 under the f32 hint.
+        self.precision = precision
+        hint = "bf16" if precision == "bfloat16" else "f32"
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": hint}
         if cache_dir is not None:
             config["CACHE_DIR"] = str(cache_dir / "openvino")
         core, self.streams = ov.Core(), streams
@@ -186,8 +192,22 @@ def warmup_input(checkpoint: Checkpoint) -> torch.Tensor:
     return preprocess(image[0], (h, w), checkpoint.meta.mean, checkpoint.meta.std)[None]
 
 
+def sanity_input(checkpoint: Checkpoint) -> torch.Tensor:
+    """(1, 3, h, w): a real street photo (a CamVid frame), where a reduced precision that only rounds agrees with
+    fp32 on ~99% of pixels (98.6-99.6% for the shipped model's int8 and bf16) and a broken model does not."""
+    from PIL import Image
+
+    image = torch.from_numpy(np.array(Image.open(SANITY_PHOTO).convert("RGB"))).permute(2, 0, 1)
+    return preprocess(image, checkpoint.meta.input_size, checkpoint.meta.mean, checkpoint.meta.std)[None]
+
+
 def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float().argmax(1).cpu() == b.float().argmax(1).cpu()).float().mean().item()
+
+
+def label(b: Backend) -> str:
+    """A backend as the start-up notes name it: its runtime, and its precision when reduced (openvino-int8)."""
+    return b.name if b.precision == "float32" else f"{b.name}-{b.precision}"
 
 
 def start_up_timing(backends: list[Backend], x: torch.Tensor, rounds: int = 5) -> dict[str, tuple[float, float]]:
@@ -195,7 +215,7 @@ def start_up_timing(backends: list[Backend], x: torch.Tensor, rounds: int = 5) -
     `streams` callers side by side: throughput), each the median of `rounds` rounds. Every round takes the backends
     in turn, so a machine's drift during the timing falls on all of them alike (timed one backend after the other,
     two within 10% swapped places from one start to the next)."""
-    times: dict[str, tuple[list[float], list[float]]] = {b.name: ([], []) for b in backends}
+    times: dict[str, tuple[list[float], list[float]]] = {label(b): ([], []) for b in backends}
     with ThreadPoolExecutor(max(b.streams for b in backends)) as pool:
 
         def once(b: Backend, n: int) -> float:
@@ -212,50 +232,68 @@ def start_up_timing(backends: list[Backend], x: torch.Tensor, rounds: int = 5) -
                 alone = once(b, 1)
                 loaded = once(b, b.streams) if b.streams > 1 else alone
                 if r:
-                    times[b.name][0].append(alone)
-                    times[b.name][1].append(loaded)
+                    times[label(b)][0].append(alone)
+                    times[label(b)][1].append(loaded)
     return {n: (statistics.median(a), statistics.median(lo)) for n, (a, lo) in times.items()}
 
 
 def select_backend(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, choice: str,
-                   cache_dir: Path | None, streams: int = 0) -> Selection:
-    """The backend SEGMENT_BACKEND asks for, if it works and agrees with torch; torch otherwise. streams: how many
-    forwards an ONNX backend may run at once (0: auto_streams)."""
+                   cache_dir: Path | None, streams: int = 0, precision: str = "fp32") -> Selection:
+    """The backend SEGMENT_BACKEND asks for, at the precision SEGMENT_PRECISION asks for (precisions.py), if it
+    works and agrees with torch fp32; torch otherwise. streams: how many forwards an ONNX backend may run at once
+    (0: auto_streams)."""
     torch_backend = TorchBackend(checkpoint.model, device, dtype)
-    if choice == "torch" or (choice == "auto" and device.type == "cuda"):
+    if choice == "torch" and precision not in REDUCED or (choice == "auto" and device.type == "cuda"):
         return Selection(torch_backend)
     if device.type == "cuda":
         note = f"{choice} runs on the CPU here and the device is CUDA: serving with torch"
         log.warning(note)
         return Selection(torch_backend, [note])
-    x = warmup_input(checkpoint)
-    reference = torch_backend(x)
-    passed, notes = [torch_backend], []
-    path: Path | None = None
-    for name in RUNTIMES if choice == "auto" else (choice,):
+    x, photo = warmup_input(checkpoint), sanity_input(checkpoint)
+    reference, photo_reference = torch_backend(x), torch_backend(photo)
+    runtimes = RUNTIMES if choice == "auto" else tuple(r for r in RUNTIMES if r == choice)
+    candidates, notes = reduced_candidates(checkpoint, precision, runtimes)
+    tries = [(name, None, "float32") for name in runtimes]
+    tries += [(c.runtime, c.path, LABELS[c.precision]) for c in candidates]
+    full, reduced = [], []
+    export: Path | None = None
+    for name, path, label_ in tries:
+        what = name if label_ == "float32" else f"{name} {label_}"
         try:
-            if path is None:
-                path, cache_dir = cached_onnx(checkpoint, cache_dir)
-            backend = BUILDERS[name](path, cache_dir, streams or auto_streams(cpu_cores()))
-            agree = agreement(backend(x), reference)
-            if agree < PARITY:
-                raise ParityError(f"its masks agree with torch on {agree:.4%} of the warm-up pixels (< {PARITY:.1%})")
-            passed.append(backend)
+            if export is None:
+                export, cache_dir = cached_onnx(checkpoint, cache_dir)
+            backend = BUILDERS[name](path or export, cache_dir, streams or auto_streams(cpu_cores()), label_)
+            if label_ == "float32":
+                agree, bar, on = agreement(backend(x), reference), PARITY, "warm-up pixels"
+            else:  # rounding moves near-ties, many on a synthetic picture: a street photo's pixels are judged
+                agree, bar, on = agreement(backend(photo), photo_reference), SANITY, f"pixels of {SANITY_PHOTO.name}"
+            if agree < bar:
+                raise ParityError(f"its masks agree with torch fp32 on {agree:.4%} of the {on} (< {bar:.1%})")
+            (full if label_ == "float32" else reduced).append(backend)
         # Whatever a runtime raises (ImportError when not installed, its own error types when the export or the
-        # compile fails) means the same here: this runtime is not used, torch serves, and the log says why.
+        # compile fails) means the same here: this runtime is not used, and the log says why.
         except Exception as e:
-            notes.append(f"{name} not used ({type(e).__name__}: {e}); serving with torch" if choice != "auto"
-                         else f"{name} not used ({type(e).__name__}: {e})")
-            log.warning(notes[-1])
-    if choice != "auto":
-        return Selection(passed[-1], notes)
+            notes.append(f"{what} not used ({type(e).__name__}: {e})")
+    for note in notes:
+        log.warning(note)
+    if precision == "auto" or precision in REDUCED:
+        notes.insert(0, card_summary(checkpoint))
+    if precision in REDUCED and reduced:
+        pool = reduced  # asked for by name: whichever runtime runs it fastest
+    else:
+        pool = ([torch_backend] if choice == "auto" else []) + full or [torch_backend]
+        pool += reduced if precision == "auto" else []
+    if choice != "auto" and precision == "fp32" or len(pool) == 1:
+        if pool[-1] is torch_backend and choice != "torch":
+            notes.append(f"serving with torch ({choice if choice != 'auto' else 'no other runtime'} not usable)")
+        return Selection(pool[-1], notes)
     # Kept: the lowest geometric mean of the two, so a backend that is as fast under load but slower alone (ONNX
     # Runtime beside OpenVINO on the Zen 5 EPYC of BENCHMARKS.md: 1.06x under load, 1.2x alone) is not picked on
     # a draw of the timing.
-    speeds = start_up_timing(passed, x)
-    best = min(passed, key=lambda b: speeds[b.name][0] * speeds[b.name][1])
+    speeds = start_up_timing(pool, x)
+    best = min(pool, key=lambda b: speeds[label(b)][0] * speeds[label(b)][1])
     notes.append("start-up timing, ms per image alone / under load: " + ", ".join(
         f"{n} {a:.1f} / {lo:.1f}" for n, (a, lo) in speeds.items()) + " (under load: "
-        + ", ".join(f"{b.name} {b.streams}" for b in passed) + " at once); kept the lowest geometric mean")
-    log.info("backend %s (%s)", best.name, notes[-1])
+        + ", ".join(f"{label(b)} {b.streams}" for b in pool) + " at once); kept the lowest geometric mean")
+    log.info("backend %s (%s)", label(best), notes[-1])
     return Selection(best, notes)

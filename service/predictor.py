@@ -21,9 +21,11 @@ from .settings import Settings
 
 
 def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """torch's dtype: on CUDA the precision asked for (int8, a CPU precision, and auto: fp16); on a CPU always fp32
+    (eager half precision is slower there; bf16 and int8 run on OpenVINO or ONNX Runtime: precisions.py)."""
     if device.type != "cuda":
-        return torch.float32  # half precision is slower than fp32 on CPUs
-    return {"auto": torch.float16, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+        return torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}.get(precision, torch.float16)
 
 
 class Predictor:
@@ -41,7 +43,7 @@ class Predictor:
         dev = resolve_device(device, option="SEGMENT_DEVICE")
         checkpoint = load_checkpoint(path, "cpu")
         return cls(checkpoint, select_backend(checkpoint, dev, pick_dtype(precision, dev), backend, cache_dir,
-                                              streams), tta)
+                                              streams, precision), tta)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Predictor:

@@ -1,4 +1,4 @@
-"""`python -m training {train,evaluate,export,lr-find,show,download}`: a thin layer over importable functions."""
+"""`python -m training {train,evaluate,export,quantize,lr-find,show,download}`: a thin layer over functions."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from .config import add_options, from_args
 from .data import DataError, SegmentationDataset, collate, image_size, open_folder, read_image, read_label
 from .download import SOURCES, Source, fetch
 from .engine import Amp, evaluate, lr_find, resolve_device
+from .quantize import add_parser as add_quantize
 from .run import KEPT_METRICS, fmt, valid_split_name
 from .trainer import fit, set_encoder_frozen
 from .transforms import eval_transforms, train_transforms
@@ -193,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input size the service resizes uploads to (default: the checkpoint's); needs --data")
     x.add_argument("--half", action="store_true", help="store fp16 weights (safetensors; half the file size)")
     x.set_defaults(func=cmd_export)
+
+    add_quantize(sub)
 
     s = _scoring_parser(sub, "show", "grid of image | ground truth | prediction", cmd_show)
     s.add_argument("--out", type=Path, required=True)
