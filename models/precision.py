@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -161,11 +162,15 @@ def quantize_int8(fp32_onnx: Path, frames, out: Path) -> Path:
 
     out = Path(out)
     prepared = out.with_name(out.name + ".pre.onnx")
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.WARNING)  # the quantiser logs a line per adjusted scale on the root logger
     try:
         quant_pre_process(str(fp32_onnx), str(prepared), skip_symbolic_shape=True)
         quantize_static(str(prepared), str(out), Frames(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     finally:
+        root.setLevel(level)
         prepared.unlink(missing_ok=True)
     model = onnx.load(str(out))
     source = {p.key: p.value for p in onnx.load(str(fp32_onnx), load_external_data=False).metadata_props}

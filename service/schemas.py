@@ -33,7 +33,8 @@ class ModelRef(BaseModel):
     name: str = Field(examples=["camvid.safetensors"])
     sha256: str
     backend: str = Field(description="what runs the network: torch, onnxruntime or openvino", examples=["onnxruntime"])
-    precision: str = Field(examples=["float32"])
+    precision: str = Field(description="what the network computes in: float32; bfloat16 or int8 on a CPU, float16 "
+                           "on CUDA (SEGMENT_PRECISION)", examples=["float32"])
     tta: str = Field("none", description="test-time augmentation: none or flip (SEGMENT_TTA)")
 
 
@@ -87,7 +88,7 @@ class ModelInfo(BaseModel):
     metrics: dict
     device: str
     backend: str = Field(description="what runs the network: torch, onnxruntime or openvino (SEGMENT_BACKEND)")
-    precision: str
+    precision: str = Field(description="float32; bfloat16 or int8 on a CPU, float16 on CUDA (SEGMENT_PRECISION)")
     tta: str = Field("none", description="test-time augmentation (SEGMENT_TTA): none, or flip (each image also run "
                      "mirrored, logits averaged)")
     streams: int = Field(description="forwards that may run at once, each on its share of the CPU cores "

@@ -82,15 +82,15 @@ def quantize(ckpt: Checkpoint, folder, calibration: int, seed: int, split: str, 
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = export_onnx(ckpt, Path(tmp) / "fp32.onnx")
         quantize_int8(fp32, frames, out)
-        runs = {"fp32": (fp32, "f32"), "int8": (out, "f32")}  # int8: OpenVINO runs the QDQ ops in int8
+        runs = {"fp32": (fp32, "f32", "openvino"), "int8": (out, "f32", "openvino, QDQ operations in int8")}
         if "bf16" in native_precisions():
-            runs["bf16"] = (fp32, "bf16")
+            runs["bf16"] = (fp32, "bf16", "openvino, INFERENCE_PRECISION_HINT bf16")
         scores = {}
-        for precision, (path, hint) in runs.items():
+        for precision, (path, hint, runtime) in runs.items():
             m = evaluate(OpenVinoModule(path, hint), loader, meta.classes.num_classes, meta.classes.ignore_index,
                          meta.classes.void_index, torch.device("cpu"), desc=precision, show=show)
             scores[precision] = {"mean_iou": round(m["mean_iou"], 5), "pixel_accuracy": round(m["pixel_accuracy"], 5),
-                                 "runtime": f"openvino ({hint})"}
+                                 "runtime": runtime}
     return PrecisionCard(
         checkpoint_sha256=ckpt.sha256,
         held_out={"split": split, "images": len(held), "fingerprint": names_fingerprint(held)},

@@ -1,0 +1,115 @@
+"""SEGMENT_PRECISION on a CPU: int8 and bf16 from the shipped model's precision card, and fp32 whenever the card,
+the int8 model or the CPU does not hold (service/precisions.py, models/precision.py)."""
+
+import base64
+import io
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from models import precision
+from models.checkpoint import load_checkpoint
+from models.precision import SANITY_PHOTO, CardError, card_path, int8_path, read_card
+from service.app import create_app
+from service.predictor import Predictor
+from service.settings import Settings
+from tests.conftest import SHIPPED
+
+
+@pytest.fixture
+def shipped(tmp_path):
+    """The shipped checkpoint with its card and int8 model, in a folder a test may break."""
+    for source in (SHIPPED, card_path(SHIPPED), int8_path(SHIPPED)):
+        shutil.copy(source, tmp_path / source.name)
+    return tmp_path / SHIPPED.name
+
+
+def served(client, data: bytes) -> tuple[np.ndarray, dict]:
+    r = client.post("/segment", files={"image": ("x.jpg", data, "image/jpeg")})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    mask = np.array(Image.open(io.BytesIO(base64.b64decode(body["mask"]))))
+    return mask, body
+
+
+def test_int8_by_name_serves_the_cards_int8_model_and_every_answer_says_so(shipped, tmp_path):
+    photo = SANITY_PHOTO.read_bytes()
+    with TestClient(create_app(Settings(checkpoint=shipped, device="cpu", backend="openvino", precision="fp32",
+                                        cache_dir=tmp_path, warmup_passes=0))) as client:
+        reference, body = served(client, photo)
+        assert body["model"]["precision"] == "float32"
+    with TestClient(create_app(Settings(checkpoint=shipped, device="cpu", backend="openvino", precision="int8",
+                                        cache_dir=tmp_path, warmup_passes=0))) as client:
+        info = client.get("/model").json()
+        assert (info["backend"], info["precision"]) == ("openvino", "int8")
+        assert any(n.startswith("precision card: mIoU fp32 0.7150, int8 0.7134") for n in info["backend_notes"])
+        mask, body = served(client, photo)
+        assert body["model"]["precision"] == "int8"
+        assert sum(c["pixels"] for c in body["classes"]) == 480 * 360 == mask.size
+        assert (mask == reference).mean() >= 0.97  # the same street, segmented as fp32 does, bar rounding
+        metrics = client.get("/metrics").text
+        assert 'segment_serving{backend="openvino",device="cpu",precision="int8"} 1.0' in metrics
+
+
+def card_json(path) -> dict:
+    return json.loads(card_path(path).read_text())
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: card_path(p).write_text(card_path(p).read_text()[:200]), "is unreadable"),
+    (lambda p: card_path(p).write_text(json.dumps({**card_json(p), "format": "something/else"})),
+     "is not a precision card"),
+    (lambda p: card_path(p).write_text(json.dumps({**card_json(p), "version": 2})), "written by a newer format"),
+    (lambda p: card_path(p).write_text(json.dumps({**card_json(p), "checkpoint_sha256": "0" * 64})),
+     "belongs to another checkpoint"),
+    (lambda p: card_path(p).unlink(), "no precision card"),
+])
+def test_a_card_that_does_not_hold_is_refused_with_the_reason(shipped, damage, message):
+    damage(shipped)
+    with pytest.raises(CardError, match=message):
+        read_card(shipped, load_checkpoint(shipped).sha256)
+
+
+def test_a_changed_or_missing_int8_model_leaves_bf16_and_fp32(shipped):
+    sha = load_checkpoint(shipped).sha256
+    data = int8_path(shipped).read_bytes()
+    int8_path(shipped).write_bytes(data[: len(data) // 2])
+    assert read_card(shipped, sha).int8 == {"problem": "its int8 model camvid.int8.onnx changed since the card was "
+                                                       "written"}
+    int8_path(shipped).unlink()
+    card = read_card(shipped, sha)
+    assert card.int8 == {"problem": "its int8 model camvid.int8.onnx is missing"} and "fp32" in card.scores
+
+
+def test_a_broken_card_or_int8_model_means_fp32_and_a_note_never_a_failed_start(shipped, tmp_path):
+    int8_path(shipped).write_bytes(b"not an onnx file")
+    p = Predictor.load(shipped, "cpu", "int8", "openvino", cache_dir=tmp_path)
+    assert p.precision == "float32" and p.backend.name == "openvino"
+    assert "int8 not used (its int8 model camvid.int8.onnx changed since the card was written)" in p.backend_notes
+    card_path(shipped).write_text("{")
+    p = Predictor.load(shipped, "cpu", "auto", "openvino", cache_dir=tmp_path)
+    assert p.precision == "float32"
+    assert any(n.startswith("precision card: camvid.precision.json is unreadable") for n in p.backend_notes)
+
+
+def test_auto_stays_fp32_on_a_cpu_without_bf16_or_vnni(shipped, tmp_path, monkeypatch):
+    monkeypatch.setattr(precision, "native_precisions", lambda: frozenset())
+    p = Predictor.load(shipped, "cpu", "auto", "openvino", cache_dir=tmp_path)
+    assert p.precision == "float32"
+    notes = " ".join(p.backend_notes)
+    assert "bf16 not used (this CPU has no native bf16" in notes and "int8 not used (this CPU has no VNNI" in notes
+
+
+@pytest.mark.skipif(not precision.native_precisions(), reason="this CPU has neither native bf16 nor VNNI")
+def test_auto_times_the_eligible_reduced_precisions_beside_fp32(shipped, tmp_path):
+    p = Predictor.load(shipped, "cpu", "auto", "openvino", cache_dir=tmp_path)
+    timing = p.backend_notes[-1]
+    timed = set(re.findall(r"(\w[\w-]*) [\d.]+ / [\d.]+", timing))
+    expected = {"openvino"} | {f"openvino-{'bfloat16' if x == 'bf16' else x}" for x in precision.native_precisions()}
+    assert timed == expected, timing
+    assert p.precision in {"float32", "bfloat16", "int8"}
