@@ -133,7 +133,9 @@ def run_server(server: Server, images, levels, total) -> dict:
             log.seek(0)
             print(log.read().decode(errors="replace")[-3000:], file=sys.stderr)
             raise
-        backend = httpx.get(server.model_url, timeout=10).json()["backend"] if server.model_url else ""
+        model = httpx.get(server.model_url, timeout=10).json() if server.model_url else {}
+        parts = (model.get("backend", ""), model.get("precision", ""))
+        backend = " ".join(x for x in parts if x not in ("", "float32"))
         return {c: {**asyncio.run(load(server.url, images, c, total)), "backend": backend} for c in levels}
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

@@ -1,7 +1,8 @@
 """The network on each runtime installed here: speed of the bare forward, and the masks it serves.
 
 For each backend the service can run (torch, ONNX Runtime, OpenVINO; plus variants it does not serve, for the
-record: torch with contiguous tensors, OpenVINO at its default bf16 on CPUs that have it), in one process:
+record: torch with contiguous tensors; and bf16 where the CPU has it, int8 where the checkpoint has a precision
+card), in one process:
 ms per image at batch 1 on the checkpoint's input size, then every image of a split through the service's own
 preprocess → backend → postprocess, scored against the labels (pixel accuracy, mIoU, void excluded) and
 compared pixel by pixel with torch fp32's masks.
@@ -29,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.record import cpu_name, parser  # noqa: E402
 from models.checkpoint import load_checkpoint  # noqa: E402
+from models.precision import int8_path, native_precisions  # noqa: E402
 from service.backends import (  # noqa: E402
     OnnxRuntimeBackend,
     OpenVinoBackend,
@@ -36,6 +38,7 @@ from service.backends import (  # noqa: E402
     TorchBackend,
     agreement,
     cached_onnx,
+    label,
 )
 from service.decode import decode_upload  # noqa: E402
 from service.predictor import Predictor  # noqa: E402
@@ -57,18 +60,6 @@ class Contiguous(TorchBackend):
         return self.model(batch.contiguous())
 
 
-class OpenVinoDefaultPrecision(OpenVinoBackend):
-    """OpenVINO's own default precision on this CPU (bf16 where it has AMX / AVX-512 bf16): not served."""
-
-    def __init__(self, path, cache_dir):
-        import openvino as ov
-
-        compiled = ov.Core().compile_model(str(path), "CPU", {"PERFORMANCE_HINT": "LATENCY"})
-        self.precision = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
-        self.name = f"openvino {self.precision} (not served)"
-        self.request, self.streams = compiled.create_infer_request(), 1
-
-
 def ms_per_image(backend, x: torch.Tensor, seconds: float) -> float:
     backend(x)
     times, t_end = [], time.perf_counter() + seconds
@@ -79,7 +70,7 @@ def ms_per_image(backend, x: torch.Tensor, seconds: float) -> float:
     return statistics.median(times) * 1000
 
 
-def start_to_ready(checkpoint: Path, backend: str, cache_dir: Path) -> tuple[float, str]:
+def start_to_ready(checkpoint: Path, backend: str, cache_dir: Path, precision: str = "auto") -> tuple[float, str]:
     """Seconds from `python -m service` to GET /ready answering 200, and the backend it chose."""
     import httpx
 
@@ -87,20 +78,24 @@ def start_to_ready(checkpoint: Path, backend: str, cache_dir: Path) -> tuple[flo
 
     t0 = time.perf_counter()
     proc, base, _ = start_service({"SEGMENT_CHECKPOINT": str(checkpoint), "SEGMENT_BACKEND": backend,
-                                   "SEGMENT_CACHE_DIR": str(cache_dir), "SEGMENT_LOG_LEVEL": "warning"}, timeout=300)
+                                   "SEGMENT_PRECISION": precision, "SEGMENT_CACHE_DIR": str(cache_dir),
+                                   "SEGMENT_LOG_LEVEL": "warning"}, timeout=300)
     seconds = time.perf_counter() - t0
-    chosen = httpx.get(f"{base}/model").json()["backend"]
+    model = httpx.get(f"{base}/model").json()
+    chosen = f"{model['backend']} {model['precision']}"
     proc.terminate()
     proc.wait(60)
     return seconds, chosen
 
 
 def cold_starts(checkpoint: Path) -> str:
-    rows = ["| SEGMENT_BACKEND | export cache | start to /ready, s | backend chosen |", "|---|---|---|---|"]
+    rows = ["| SEGMENT_BACKEND | SEGMENT_PRECISION | export cache | start to /ready, s | backend chosen |",
+            "|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as cache:
-        for backend, state in (("torch", "—"), ("auto", "empty"), ("auto", "warm")):
-            seconds, chosen = start_to_ready(checkpoint, backend, Path(cache))
-            rows.append(f"| {backend} | {state} | {seconds:.1f} | {chosen} |")
+        for backend, precision, state in (("torch", "auto", "—"), ("auto", "auto", "empty"), ("auto", "auto", "warm"),
+                                          ("auto", "fp32", "warm"), ("auto", "auto", "warm")):
+            seconds, chosen = start_to_ready(checkpoint, backend, Path(cache), precision)
+            rows.append(f"| {backend} | {precision} | {state} | {seconds:.1f} | {chosen} |")
             print(rows[-1], flush=True)
     return "\n".join(rows)
 
@@ -116,7 +111,12 @@ def main() -> None:
     path, cache = cached_onnx(ckpt, None)
     torch_fp32 = TorchBackend(ckpt.model, torch.device("cpu"), torch.float32)
     backends = [torch_fp32, Contiguous(load_checkpoint(args.checkpoint).model), OnnxRuntimeBackend(path, cache),
-                OpenVinoBackend(path, cache), OpenVinoDefaultPrecision(path, cache)]
+                OpenVinoBackend(path, cache)]
+    if "bf16" in native_precisions():
+        backends.append(OpenVinoBackend(path, cache, precision="bfloat16"))
+    if int8_path(args.checkpoint).is_file():  # the precision card's int8 model (python -m training quantize)
+        backends += [OnnxRuntimeBackend(int8_path(args.checkpoint), cache, precision="int8"),
+                     OpenVinoBackend(int8_path(args.checkpoint), cache, precision="int8")]
     predictor = Predictor(ckpt, Selection(torch_fp32))
     first = predictor.preprocess(decode_upload(pairs[0].image.read_bytes(), 10**9).image)[None]
     reference = torch_fp32(first)
@@ -135,7 +135,7 @@ def main() -> None:
             total += mask.size
         m = cm.compute()
         speeds.append(speed)
-        rows.append([b.name, f"{speed:.1f}", f"{speeds[0] / speed:.2f}×",
+        rows.append([label(b), f"{speed:.1f}", f"{speeds[0] / speed:.2f}×",
                      f"{agreement(b(first), reference):.5f}", f"{same / total:.5f}", f"{m['pixel_accuracy']:.4f}",
                      f"{m['mean_iou']:.4f}"])
         print(" | ".join(rows[-1]), flush=True)

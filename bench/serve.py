@@ -11,6 +11,9 @@ percentiles pool every round's latencies.
     pip install -e '.[bench]'
     python bench/serve.py --data ../shared/camvid [--checkpoint models/camvid.safetensors]
 
+    # ours (SEGMENT_PRECISION=auto) against the same tree pinned to each precision, in the same rounds:
+    python bench/serve.py --checkpoint models/camvid.safetensors --precisions fp32 bf16 int8 --no-litserve
+
     # A/B of two versions of the service, e.g. this tree against its parent commit:
     git worktree add --detach /tmp/base HEAD~1
     python bench/serve.py --checkpoint models/camvid.safetensors --baseline /tmp/base --baseline-label HEAD~1
@@ -152,6 +155,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--ours-env", nargs="+", default=[], metavar="KEY=VALUE", type=setting,
                    help="settings for our service only, e.g. SEGMENT_TTA=flip against --baseline . (the same tree "
                         "without them): the cost of a setting")
+    p.add_argument("--precisions", nargs="+", default=[], metavar="P",
+                   help="also serve from this tree at each SEGMENT_PRECISION given (e.g. fp32 bf16 int8): ours, at "
+                        "its default (auto), is compared with each in the same rounds")
     p.add_argument("--no-record", action="store_true")
     return p.parse_args()
 
@@ -169,6 +175,9 @@ def servers_for(args: argparse.Namespace, ckpt: Path) -> dict[str, Server]:
     servers = {"ours": service(args.port, extra=dict(args.ours_env))}
     if args.baseline:  # another checkout of this project: `python -m service` run from there
         servers["baseline"] = service(args.port + 2, args.baseline.resolve())
+    for i, precision in enumerate(args.precisions):
+        servers[f"SEGMENT_PRECISION={precision}"] = service(args.port + 3 + i, extra={
+            **dict(args.ours_env), "SEGMENT_PRECISION": precision})
     if not args.no_litserve:
         lit = f"http://127.0.0.1:{args.port + 1}"
         servers["LitServe"] = Server([sys.executable, str(ROOT / "bench" / "litserve_app.py"), str(ckpt),
