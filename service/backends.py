@@ -249,10 +249,14 @@ def select_backend(checkpoint: Checkpoint, device: torch.device, dtype: torch.dt
         note = f"{choice} runs on the CPU here and the device is CUDA: serving with torch"
         log.warning(note)
         return Selection(torch_backend, [note])
-    x, photo = warmup_input(checkpoint), sanity_input(checkpoint)
-    reference, photo_reference = torch_backend(x), torch_backend(photo)
+    x = warmup_input(checkpoint)
+    reference = torch_backend(x)
     runtimes = RUNTIMES if choice == "auto" else tuple(r for r in RUNTIMES if r == choice)
-    candidates, notes = reduced_candidates(checkpoint, precision, runtimes)
+    candidates, precision_notes = reduced_candidates(checkpoint, precision, runtimes)
+    if candidates:
+        photo = sanity_input(checkpoint)
+        photo_reference = torch_backend(photo)
+    notes: list[str] = []
     tries = [(name, None, "float32") for name in runtimes]
     tries += [(c.runtime, c.path, LABELS[c.precision]) for c in candidates]
     full, reduced = [], []
@@ -268,16 +272,17 @@ def select_backend(checkpoint: Checkpoint, device: torch.device, dtype: torch.dt
             else:  # rounding moves near-ties, many on a synthetic picture: a street photo's pixels are judged
                 agree, bar, on = agreement(backend(photo), photo_reference), SANITY, f"pixels of {SANITY_PHOTO.name}"
             if agree < bar:
-                raise ParityError(f"its masks agree with torch fp32 on {agree:.4%} of the {on} (< {bar:.1%})")
+                raise ParityError(f"its masks agree with torch on {agree:.4%} of the {on} (< {bar:.1%})")
             (full if label_ == "float32" else reduced).append(backend)
         # Whatever a runtime raises (ImportError when not installed, its own error types when the export or the
         # compile fails) means the same here: this runtime is not used, and the log says why.
         except Exception as e:
             notes.append(f"{what} not used ({type(e).__name__}: {e})")
+    notes += precision_notes  # runtimes first, then precisions, the card, and the timing last
     for note in notes:
         log.warning(note)
     if precision == "auto" or precision in REDUCED:
-        notes.insert(0, card_summary(checkpoint))
+        notes.append(card_summary(checkpoint))
     if precision in REDUCED and reduced:
         pool = reduced  # asked for by name: whichever runtime runs it fastest
     else:
