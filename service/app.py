@@ -16,6 +16,7 @@ from fastapi_offline import FastAPIOffline
 
 from models import __version__
 
+from . import inference_protocol
 from .backends import cpu_cores
 from .batcher import Batcher
 from .connections import STATE_KEY, Guard, raise_open_file_limit
@@ -93,5 +94,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                            allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Request-ID", "Accept"],
                            expose_headers=["X-Request-ID", "X-Class-Pixels"], max_age=600)
     app.include_router(router)
+    app.include_router(inference_protocol.router)
     document_upload(app, settings)
     return app

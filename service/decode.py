@@ -97,14 +97,19 @@ def open_checked(data: bytes, max_pixels: int, max_aspect: float) -> Image.Image
     if im.format not in SERVED_FORMATS:
         raise UploadError(415, "unsupported_media_type",
                           f"{im.format} images are not accepted; send a {ACCEPTED} file")
-    w, h = im.size
+    check_shape(*im.size, max_pixels, max_aspect)
+    return im
+
+
+def check_shape(w: int, h: int, max_pixels: int, max_aspect: float) -> None:
+    """The pixel and aspect-ratio caps, from the size alone (413, 422)."""
     if w * h > max_pixels:
         raise UploadError(413, "too_many_pixels",
                           f"the image is {w}x{h} = {w * h} pixels; the limit is {max_pixels} pixels")
-    if max(w, h) > max_aspect * min(w, h):
-        raise UploadError(422, "aspect_ratio", f"the image is {w}x{h}, {max(w, h) / min(w, h):.1f} times longer "
-                          f"than wide; the limit is {max_aspect:g} (a photo or video frame)")
-    return im
+    if min(w, h) == 0 or max(w, h) > max_aspect * min(w, h):
+        ratio = f"{max(w, h) / min(w, h):.1f} times longer than wide" if min(w, h) else "empty"
+        raise UploadError(422, "aspect_ratio", f"the image is {w}x{h}, {ratio}; the limit is {max_aspect:g} (a photo "
+                          "or video frame)")
 
 
 def plain_png(data: bytes, im: Image.Image) -> np.ndarray | None:

@@ -19,6 +19,7 @@ import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from models.classes import ClassSet
@@ -80,6 +81,17 @@ async def queue(state: State, data: bytes, options: Options, started: float, pix
     upload, tensor = await asyncio.get_running_loop().run_in_executor(
         lane, decode_and_preprocess, data, state.settings, state.predictor, options.overlay)
     work = Work(upload, options, lane, large, state.predictor, state.settings.overlay_alpha)
+    return Queued(work, state.batcher.enqueue(tensor, work), started)
+
+
+async def queue_pixels(state: State, image: np.ndarray, options: Options, started: float) -> Queued:
+    """Queue decoded pixels ((H, W, 3) uint8 RGB, already checked against the pixel and aspect caps): preprocess on
+    the image's lane, as an upload would be."""
+    h, w = image.shape[:2]
+    large = h * w > LARGE_PIXELS
+    lane = state.large if large else state.codec
+    tensor = await asyncio.get_running_loop().run_in_executor(lane, state.predictor.preprocess, image)
+    work = Work(Decoded(image, (w, h)), options, lane, large, state.predictor, state.settings.overlay_alpha)
     return Queued(work, state.batcher.enqueue(tensor, work), started)
 
 
