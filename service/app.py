@@ -16,11 +16,11 @@ from fastapi_offline import FastAPIOffline
 
 from models import __version__
 
-from . import inference_protocol
+from . import inference_protocol, swap
 from .backends import cpu_cores
 from .batcher import Batcher
 from .connections import STATE_KEY, Guard, raise_open_file_limit
-from .deps import State
+from .deps import Served, State
 from .errors import install_error_handlers
 from .metrics import SERVING, ObserveRequests, use_json_access_log, use_service_log
 from .pipeline import finish
@@ -49,9 +49,6 @@ async def lifespan(app: FastAPI):
     predictor = await asyncio.to_thread(Predictor.from_settings, settings)
     batch_size = settings.batch_size_for(predictor.device)
     seconds = await asyncio.to_thread(predictor.warmup, settings.warmup_passes, batch_size)
-    state.predictor = predictor
-    SERVING.clear()
-    SERVING.labels(predictor.backend.name, predictor.precision, str(predictor.device)).set(1)
     if predictor.device.type == "cpu" and predictor.backend.name != "torch":
         # torch only preprocesses here (resize, normalise: ~1 ms an image, on the codec threads): on one thread it
         # never wakes a second pool to compete with the runtime's for the cores (BENCHMARKS.md)
@@ -60,12 +57,7 @@ async def lifespan(app: FastAPI):
     # serving walked them all and stalled one request ~200 ms on a CPU. Frozen, collections skip them.
     gc.collect()
     gc.freeze()
-    # On a CPU the codec threads postprocess (resize logits, argmax, counts) while the next forward runs;
-    # on CUDA the inference thread does it on the GPU, where it costs a few kernels.
-    state.batcher = Batcher(predictor, batch_size, settings.max_batch_wait_ms, settings.queue_size, finish,
-                            helpers=None if predictor.device.type == "cuda" else state.codec,
-                            post_helpers=min(codec_threads, cpu_cores() - 1))
-    state.batcher.start()
+    state.served = serve(state, predictor)
     state.ready = True
     restore_sigterm = drain_on_sigterm(state, settings.shutdown_delay_s)
     log.info("serving %s on %s with %s (%s, batches of up to %d, %d at once), warm-up %.2fs", settings.checkpoint,
@@ -74,8 +66,23 @@ async def lifespan(app: FastAPI):
     restore_sigterm()
     state.ready = False
     await state.batcher.drain()
+    await asyncio.gather(*state.retiring, return_exceptions=True)  # models swapped out, finishing their queues
     state.codec.shutdown(wait=True)
     state.large.shutdown(wait=True)
+
+
+def serve(state: State, predictor: Predictor) -> Served:
+    """The predictor with a started batcher of its own, and the metrics saying what serves."""
+    settings = state.settings
+    # On a CPU the codec threads postprocess (resize logits, argmax, counts) while the next forward runs;
+    # on CUDA the inference thread does it on the GPU, where it costs a few kernels.
+    batcher = Batcher(predictor, settings.batch_size_for(predictor.device), settings.max_batch_wait_ms,
+                      settings.queue_size, finish, helpers=None if predictor.device.type == "cuda" else state.codec,
+                      post_helpers=min(settings.codec_thread_count(), cpu_cores() - 1))
+    batcher.start()
+    SERVING.clear()
+    SERVING.labels(predictor.backend.name, predictor.precision, str(predictor.device)).set(1)
+    return Served(predictor, batcher)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -95,5 +102,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                            expose_headers=["X-Request-ID", "X-Class-Pixels"], max_age=600)
     app.include_router(router)
     app.include_router(inference_protocol.router)
+    app.include_router(swap.router)
     document_upload(app, settings)
     return app

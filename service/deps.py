@@ -3,8 +3,10 @@ predictor, the batcher and the codec threads; `ReadyDep` answers 503 `not_ready`
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
@@ -15,18 +17,36 @@ from .predictor import Predictor
 from .settings import Settings
 
 
+@dataclass(frozen=True)
+class Served:
+    """The model being served and the batcher that runs it: replaced as one (swap.py), so a request that read it
+    once is queued, run and answered by the same model."""
+
+    predictor: Predictor
+    batcher: Batcher
+
+
 class State:
     """What the lifespan builds once and the routes share."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.predictor: Predictor | None = None
-        self.batcher: Batcher | None = None
+        self.served: Served | None = None
+        self.retiring: set[asyncio.Task] = set()  # swapped-out batchers finishing what they had queued
+        self.swap_lock = asyncio.Lock()
         self.codec: ThreadPoolExecutor | None = None  # decodes uploads, encodes masks (and postprocesses on a CPU)
         self.large: ThreadPoolExecutor | None = None  # the same for large uploads, one at a time: they never queue
         # ahead of small ones
         self.ready = False
         self.draining = False  # SIGTERM came: /ready answers 503 while requests are still served (shutdown.py)
+
+    @property
+    def predictor(self) -> Predictor | None:
+        return self.served.predictor if self.served else None
+
+    @property
+    def batcher(self) -> Batcher | None:
+        return self.served.batcher if self.served else None
 
 
 async def get_state(request: Request) -> State:
@@ -57,16 +77,19 @@ bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer KEY (wh
 api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="the same keys, as a header")
 
 
+def key_matches(given: str, keys) -> bool:
+    # every key compared, each in constant time: how long this takes says nothing about which key came close
+    matched = [hmac.compare_digest(given.encode(), key.get_secret_value().encode()) for key in keys]
+    return bool(given) and any(matched)
+
+
 async def require_key(settings: SettingsDep,
                       credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
                       header_key: Annotated[str | None, Depends(api_key_header)]) -> None:
     """401 unless SEGMENT_API_KEYS is empty or the request carries one of them. Runs before the body is read."""
     if not settings.api_keys:
         return
-    given = (credentials.credentials if credentials else header_key or "").encode()
-    # every key compared, each in constant time: how long this takes says nothing about which key came close
-    matched = [hmac.compare_digest(given, key.get_secret_value().encode()) for key in settings.api_keys]
-    if not given or not any(matched):
+    if not key_matches(credentials.credentials if credentials else header_key or "", settings.api_keys):
         raise HTTPException(401, "a valid API key is needed: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'",
                             headers={"WWW-Authenticate": "Bearer"})
 

@@ -64,6 +64,7 @@ class Segmented:
     overlay: bytes | None
     confidence: bytes | None
     timings: Timings
+    predictor: Predictor  # the model that answered (another may serve by now: swap.py)
 
 
 @dataclass
@@ -77,11 +78,11 @@ async def queue(state: State, data: bytes, options: Options, started: float, pix
     """Decode, preprocess and queue one upload for the forward (`pixels`: its header's count, when the caller has
     read it already). Raises UploadError, QueueFull."""
     large = (header_pixels(data) if pixels is None else pixels) > LARGE_PIXELS
-    lane = state.large if large else state.codec
+    lane, served = state.large if large else state.codec, state.served  # one model from here to the answer
     upload, tensor = await asyncio.get_running_loop().run_in_executor(
-        lane, decode_and_preprocess, data, state.settings, state.predictor, options.overlay)
-    work = Work(upload, options, lane, large, state.predictor, state.settings.overlay_alpha)
-    return Queued(work, state.batcher.enqueue(tensor, work), started)
+        lane, decode_and_preprocess, data, state.settings, served.predictor, options.overlay)
+    work = Work(upload, options, lane, large, served.predictor, state.settings.overlay_alpha)
+    return Queued(work, served.batcher.enqueue(tensor, work), started)
 
 
 async def queue_pixels(state: State, image: np.ndarray, options: Options, started: float) -> Queued:
@@ -89,10 +90,10 @@ async def queue_pixels(state: State, image: np.ndarray, options: Options, starte
     the image's lane, as an upload would be."""
     h, w = image.shape[:2]
     large = h * w > LARGE_PIXELS
-    lane = state.large if large else state.codec
-    tensor = await asyncio.get_running_loop().run_in_executor(lane, state.predictor.preprocess, image)
-    work = Work(Decoded(image, (w, h)), options, lane, large, state.predictor, state.settings.overlay_alpha)
-    return Queued(work, state.batcher.enqueue(tensor, work), started)
+    lane, served = state.large if large else state.codec, state.served
+    tensor = await asyncio.get_running_loop().run_in_executor(lane, served.predictor.preprocess, image)
+    work = Work(Decoded(image, (w, h)), options, lane, large, served.predictor, state.settings.overlay_alpha)
+    return Queued(work, served.batcher.enqueue(tensor, work), started)
 
 
 async def result(queued: Queued) -> Segmented:
@@ -109,7 +110,8 @@ async def result(queued: Queued) -> Segmented:
     out = done.encoded
     timings = Timings(decode=ms(t1 - queued.started), queue=ms(job.started - job.enqueued),
                       inference=ms(t2 - job.started), encode=ms(out.seconds))
-    return Segmented(*work.upload.size, done.prediction, out.png, out.overlay, out.confidence, timings)
+    return Segmented(*work.upload.size, done.prediction, out.png, out.overlay, out.confidence, timings,
+                     work.predictor)
 
 
 def decode_and_preprocess(data: bytes, settings: Settings, predictor: Predictor,

@@ -25,7 +25,6 @@ from .deps import ReadyDep, State, StateDep, require_key, require_key_for_metric
 from .errors import UploadError, error_response
 from .metrics import REGISTRY
 from .pipeline import Options, Segmented
-from .predictor import Predictor
 from .schemas import (
     BatchResponse,
     ErrorBody,
@@ -104,9 +103,9 @@ async def segment(request: Request, state: ReadyDep, overlay: OverlayQuery = Fal
         done = await pipeline.result(queued)
     request.state.timings = done.timings.model_dump()  # for the access log
     if wants_png(request):
-        counts = dict(zip(state.predictor.meta.classes.names, done.result.counts, strict=True))
+        counts = dict(zip(done.predictor.meta.classes.names, done.result.counts, strict=True))
         return Response(done.png, media_type="image/png", headers={"X-Class-Pixels": json.dumps(counts)})
-    return answer(done, state.predictor, request.state.request_id)
+    return answer(done, request.state.request_id)
 
 
 @router.post("/segment/batch", response_model=BatchResponse, responses=ERRORS, dependencies=[Depends(require_key)],
@@ -132,7 +131,7 @@ async def segment_batch(request: Request, state: ReadyDep, overlay: OverlayQuery
         done = await asyncio.gather(*(result(q) for q in queued), return_exceptions=True)
     rid = request.state.request_id
     return BatchResponse(request_id=rid, results=[
-        item_error(name, d) if isinstance(d, Exception) else answer(d, state.predictor, rid, name)
+        item_error(name, d) if isinstance(d, Exception) else answer(d, rid, name)
         for (name, _), d in zip(files, done, strict=True)])
 
 
@@ -147,7 +146,8 @@ async def refused(settings: Settings):
                       "together, the limit for a batch; send the rest in another request")
 
 
-def answer(done: Segmented, predictor: Predictor, request_id: str, filename: str | None = None) -> SegmentResponse:
+def answer(done: Segmented, request_id: str, filename: str | None = None) -> SegmentResponse:
+    predictor = done.predictor
     ref = model_ref(predictor.checkpoint, predictor.backend.name, predictor.precision, predictor.tta)
     return segment_response(done.width, done.height, done.png, done.result, predictor.meta.classes, ref,
                             done.timings, request_id, done.overlay, done.confidence, filename)

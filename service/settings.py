@@ -85,6 +85,9 @@ class Settings(BaseSettings):
         [], description="comma-separated keys; when set, /segment and /segment/batch need 'Authorization: Bearer KEY' "
                         "or 'X-API-Key: KEY' (401 otherwise, before the body is read); /health, /ready, /, /docs stay "
                         "open; empty: open")
+    admin_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        [], description="comma-separated keys for model management (`POST /models/reload`), separate from "
+                        "api_keys; empty: model management is off (403)")
     metrics_require_key: bool = Field(False, description="/metrics needs a key too (when api_keys is set)")
     cors_origins: Annotated[list[str], NoDecode] = Field(
         [], description="comma-separated origins allowed to call from a browser ('*' for any); X-Request-ID and "
@@ -98,7 +101,7 @@ class Settings(BaseSettings):
                                                 "stdout (request_id, route, status, bytes, timings, backend), "
                                                 "instead of uvicorn's text access log")
 
-    @field_validator("api_keys", "cors_origins", mode="before")
+    @field_validator("api_keys", "admin_keys", "cors_origins", mode="before")
     @classmethod
     def comma_separated(cls, value):
         return [x.strip() for x in value.split(",") if x.strip()] if isinstance(value, str) else value

@@ -1,0 +1,87 @@
+"""A new model without a restart (service/swap.py): swapped under load, no request lost, bad files refused."""
+
+import os
+import shutil
+import subprocess
+import threading
+import time
+
+import httpx
+import torch
+
+from models.checkpoint import load_checkpoint, save_checkpoint
+from models.unet import UNet
+from tests.conftest import IMAGE, checkpoint  # noqa: F401
+from tests.live import start_service
+
+
+def another_model(source, path):
+    """The same architecture and classes with other weights: another sha256, other masks."""
+    meta = load_checkpoint(source).meta
+    torch.manual_seed(1)
+    return save_checkpoint(path, UNet(meta.model), meta)
+
+
+def test_a_reload_swaps_the_model_under_load_without_losing_a_request(checkpoint, tmp_path):  # noqa: F811
+    serving = shutil.copy(checkpoint, tmp_path / "model.safetensors")
+    old, new = load_checkpoint(serving).sha256, load_checkpoint(another_model(checkpoint, tmp_path / "b.safetensors")
+                                                                ).sha256
+    proc, base, _ = start_service({"SEGMENT_CHECKPOINT": str(serving), "SEGMENT_DEVICE": "cpu",
+                                   "SEGMENT_BACKEND": "torch", "SEGMENT_WARMUP_PASSES": "1",
+                                   "SEGMENT_ADMIN_KEYS": "admin-key", "SEGMENT_API_KEYS": "client-key",
+                                   "SEGMENT_LOG_LEVEL": "warning"}, stderr=subprocess.PIPE, text=True)
+    answers, stop, data = [], threading.Event(), IMAGE.read_bytes()
+
+    def client():
+        with httpx.Client(headers={"X-API-Key": "client-key"}, timeout=30) as c:
+            while not stop.is_set():
+                r = c.post(f"{base}/segment", files={"image": ("x.png", data)})
+                answers.append((r.status_code, r.json().get("model", {}).get("sha256")))
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    admin = {"X-API-Key": "admin-key"}
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(2)
+        # the client key is not an admin key; the same file again changes nothing
+        assert httpx.post(f"{base}/models/reload", headers={"X-API-Key": "client-key"}).status_code == 401
+        assert httpx.post(f"{base}/models/reload", headers=admin, timeout=60).json() == {"changed": False,
+                                                                                       "sha256": old}
+        os.replace(tmp_path / "b.safetensors", serving)  # the operator's atomic rename
+        swapped = httpx.post(f"{base}/models/reload", headers=admin, timeout=60).json()
+        assert swapped["changed"] and (swapped["previous"], swapped["sha256"]) == (old, new)
+        time.sleep(2)
+        # a file that cannot be served is refused, and the model serving keeps serving
+        serving.write_bytes(b"not a checkpoint")
+        refused = httpx.post(f"{base}/models/reload", headers=admin, timeout=60)
+        assert refused.status_code == 422 and refused.json()["code"] == "bad_checkpoint"
+        time.sleep(1)
+        stop.set()
+        for t in threads:
+            t.join(30)
+        assert httpx.get(f"{base}/model").json()["sha256"] == new
+    finally:
+        stop.set()
+        proc.terminate()
+        proc.wait(30)
+    assert answers and all(status == 200 for status, _ in answers), {s for s, _ in answers}
+    served = [sha for _, sha in answers]
+    assert set(served) == {old, new}
+    last_old = max(i for i, sha in enumerate(served) if sha == old)
+    first_new = served.index(new)
+    assert last_old - first_new < 16  # one switch: at most the requests in flight straddle it
+    log = proc.stderr.read()
+    assert "reload refused" in log and "Traceback" not in log
+
+
+def test_model_management_is_off_without_admin_keys(checkpoint):  # noqa: F811
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    with TestClient(create_app(Settings(checkpoint=checkpoint, device="cpu", backend="torch",
+                                        warmup_passes=0))) as c:
+        r = c.post("/models/reload")
+        assert r.status_code == 403 and r.json()["code"] == "admin_disabled"
