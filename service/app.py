@@ -58,6 +58,8 @@ async def lifespan(app: FastAPI):
     gc.collect()
     gc.freeze()
     state.served = serve(state, predictor)
+    await swap.load_models_dir(state)
+    publish(state)
     state.ready = True
     restore_sigterm = drain_on_sigterm(state, settings.shutdown_delay_s)
     log.info("serving %s on %s with %s (%s, batches of up to %d, %d at once), warm-up %.2fs", settings.checkpoint,
@@ -65,7 +67,7 @@ async def lifespan(app: FastAPI):
     yield {STATE_KEY: guard}  # uvicorn hands this state to each connection's protocol (connections.py)
     restore_sigterm()
     state.ready = False
-    await state.batcher.drain()
+    await asyncio.gather(*(s.batcher.drain() for s in [state.served, *state.others.values()]))
     await asyncio.gather(*state.retiring, return_exceptions=True)  # models swapped out, finishing their queues
     state.codec.shutdown(wait=True)
     state.large.shutdown(wait=True)
@@ -80,9 +82,15 @@ def serve(state: State, predictor: Predictor) -> Served:
                       settings.queue_size, finish, helpers=None if predictor.device.type == "cuda" else state.codec,
                       post_helpers=min(settings.codec_thread_count(), cpu_cores() - 1))
     batcher.start()
-    SERVING.clear()
-    SERVING.labels(predictor.backend.name, predictor.precision, str(predictor.device)).set(1)
     return Served(predictor, batcher)
+
+
+def publish(state: State) -> None:
+    """/metrics' segment_serving: one series per model served now."""
+    SERVING.clear()
+    for served in [state.served, *state.others.values()]:
+        p = served.predictor
+        SERVING.labels(p.checkpoint.path.stem, p.backend.name, p.precision, str(p.device)).set(1)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

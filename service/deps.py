@@ -13,6 +13,7 @@ from fastapi import Depends, HTTPException, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from .batcher import Batcher
+from .errors import UploadError
 from .predictor import Predictor
 from .settings import Settings
 
@@ -31,7 +32,9 @@ class State:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.served: Served | None = None
+        self.served: Served | None = None  # the default model (SEGMENT_CHECKPOINT)
+        self.others: dict[str, Served] = {}  # SEGMENT_MODELS_DIR's, by file stem (models.py)
+        self.failed: dict[str, str] = {}  # those that could not be served, and why
         self.retiring: set[asyncio.Task] = set()  # swapped-out batchers finishing what they had queued
         self.swap_lock = asyncio.Lock()
         self.codec: ThreadPoolExecutor | None = None  # decodes uploads, encodes masks (and postprocesses on a CPU)
@@ -39,6 +42,16 @@ class State:
         # ahead of small ones
         self.ready = False
         self.draining = False  # SIGTERM came: /ready answers 503 while requests are still served (shutdown.py)
+
+    def model(self, name: str | None) -> Served:
+        """The model `?model=NAME` names (404 for another name); the default one without a name."""
+        if name is None or name == self.settings.checkpoint.stem:
+            return self.served
+        if name in self.others:
+            return self.others[name]
+        names = ", ".join([self.settings.checkpoint.stem, *sorted(self.others)])
+        why = f" ({self.failed[name]})" if name in self.failed else ""
+        raise UploadError(404, "unknown_model", f"no model named {name!r} is served{why}; serving: {names}")
 
     @property
     def predictor(self) -> Predictor | None:

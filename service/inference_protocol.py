@@ -61,19 +61,22 @@ def error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def name_and_version(state: State) -> tuple[str, str]:
-    checkpoint = state.predictor.checkpoint
-    return checkpoint.path.stem, checkpoint.sha256[:12]
+def name_and_version(predictor) -> tuple[str, str]:
+    return predictor.checkpoint.path.stem, predictor.checkpoint.sha256[:12]
 
 
-def check_model(state: State, name: str, version: str | None) -> None:
+def check_model(state: State, name: str, version: str | None):
+    """The predictor serving `name` (at `version`, when given)."""
     if not state.ready:
         raise ProtocolError(503, "the model is loading or the server is draining; retry shortly")
-    ours, our_version = name_and_version(state)
-    if name != ours:
-        raise ProtocolError(404, f"no model named {name!r}; this server serves {ours!r}")
+    try:
+        predictor = state.model(name).predictor
+    except UploadError as e:
+        raise ProtocolError(404, e.detail) from None
+    ours, our_version = name_and_version(predictor)
     if version not in (None, "", our_version):
         raise ProtocolError(404, f"model {ours!r} has no version {version!r}; it serves {our_version!r}")
+    return predictor
 
 
 @router.get("")
@@ -92,8 +95,8 @@ async def ready(state: StateDep):
 
 
 def metadata(state: State, name: str, version: str | None) -> dict:
-    check_model(state, name, version)
-    meta, ours, our_version = state.predictor.meta, *name_and_version(state)
+    predictor = check_model(state, name, version)
+    meta, ours, our_version = predictor.meta, *name_and_version(predictor)
     return {"name": ours, "versions": [our_version], "platform": "camvid-segment-unet",
             "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1]},
                        {"name": "pixels", "datatype": "UINT8", "shape": [-1, -1, 3]}],
@@ -103,8 +106,8 @@ def metadata(state: State, name: str, version: str | None) -> dict:
                            "colors": json.dumps([hexcolor(c) for c in meta.classes.colors]),
                            "void_index": -1 if meta.classes.void_index is None else meta.classes.void_index,
                            "input_size": json.dumps(list(meta.input_size)),
-                           "sha256": state.predictor.checkpoint.sha256, "backend": state.predictor.backend.name,
-                           "precision": state.predictor.precision}}
+                           "sha256": predictor.checkpoint.sha256, "backend": predictor.backend.name,
+                           "precision": predictor.precision}}
 
 
 @router.get("/models/{name}", dependencies=[Depends(require_key)])
@@ -224,8 +227,8 @@ async def infer(name: str, request: Request, state: StateDep, version: str | Non
                 document, binary = parse(bytes(body), request.headers.get(HEADER))
                 wanted = outputs_wanted(document)
                 image = input_image(document["inputs"][0], binary, state)
-                queued = await (pipeline.queue(state, image, Options(), t0) if isinstance(image, bytes)
-                                else pipeline.queue_pixels(state, image, Options(), t0))
+                queued = await (pipeline.queue(state, image, Options(), t0, model=name) if isinstance(image, bytes)
+                                else pipeline.queue_pixels(state, image, Options(), t0, model=name))
             done = await pipeline.result(queued)
     except ProtocolError as e:
         return error(e.status, e.message)
@@ -243,7 +246,7 @@ async def infer(name: str, request: Request, state: StateDep, version: str | Non
         else:
             tensor["data"] = a.ravel().tolist()
         outputs.append(tensor)
-    ours, our_version = name_and_version(state)
+    ours, our_version = name_and_version(done.predictor)
     head = json.dumps({"model_name": ours, "model_version": our_version, "id": str(document.get("id", "")),
                        "outputs": outputs}).encode()
     if not blobs:

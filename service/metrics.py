@@ -58,8 +58,8 @@ BATCH_SIZE = Histogram("segment_batch_size", "images per forward pass", registry
 QUEUE_DEPTH = Gauge("segment_queue_depth", "requests waiting for the model", registry=REGISTRY)
 CONNECTIONS_CLOSED = Counter("segment_connections_closed_total", "connections the server closed to keep room or time "
                              "(service/connections.py), by reason", ["reason"], registry=REGISTRY)
-SERVING = Gauge("segment_serving", "1 for what serves the model: its backend (runtime), precision and device",
-                ["backend", "precision", "device"], registry=REGISTRY)
+SERVING = Gauge("segment_serving", "1 for each model served, with its backend (runtime), precision and device",
+                ["model", "backend", "precision", "device"], registry=REGISTRY)
 OPEN_CONNECTIONS = Gauge("segment_open_connections", "HTTP connections open", registry=REGISTRY)
 MAX_CONNECTIONS = Gauge("segment_max_connections", "the cap on open HTTP connections", registry=REGISTRY)
 INFERENCE_SECONDS = Histogram(

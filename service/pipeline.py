@@ -74,23 +74,25 @@ class Queued:
     started: float  # when this image's work began (its upload read, for a single image)
 
 
-async def queue(state: State, data: bytes, options: Options, started: float, pixels: int | None = None) -> Queued:
-    """Decode, preprocess and queue one upload for the forward (`pixels`: its header's count, when the caller has
-    read it already). Raises UploadError, QueueFull."""
+async def queue(state: State, data: bytes, options: Options, started: float, pixels: int | None = None,
+                model: str | None = None) -> Queued:
+    """Decode, preprocess and queue one upload for the forward of `model` (None: the default one; `pixels`: its
+    header's count, when the caller has read it already). Raises UploadError, QueueFull."""
     large = (header_pixels(data) if pixels is None else pixels) > LARGE_PIXELS
-    lane, served = state.large if large else state.codec, state.served  # one model from here to the answer
+    lane, served = state.large if large else state.codec, state.model(model)  # one model from here to the answer
     upload, tensor = await asyncio.get_running_loop().run_in_executor(
         lane, decode_and_preprocess, data, state.settings, served.predictor, options.overlay)
     work = Work(upload, options, lane, large, served.predictor, state.settings.overlay_alpha)
     return Queued(work, served.batcher.enqueue(tensor, work), started)
 
 
-async def queue_pixels(state: State, image: np.ndarray, options: Options, started: float) -> Queued:
+async def queue_pixels(state: State, image: np.ndarray, options: Options, started: float,
+                       model: str | None = None) -> Queued:
     """Queue decoded pixels ((H, W, 3) uint8 RGB, already checked against the pixel and aspect caps): preprocess on
     the image's lane, as an upload would be."""
     h, w = image.shape[:2]
     large = h * w > LARGE_PIXELS
-    lane, served = state.large if large else state.codec, state.served
+    lane, served = state.large if large else state.codec, state.model(model)
     tensor = await asyncio.get_running_loop().run_in_executor(lane, served.predictor.preprocess, image)
     work = Work(Decoded(image, (w, h)), options, lane, large, served.predictor, state.settings.overlay_alpha)
     return Queued(work, served.batcher.enqueue(tensor, work), started)

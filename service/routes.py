@@ -66,6 +66,8 @@ def wants_png(request: Request) -> bool:
 
 
 OverlayQuery = Annotated[bool, Query(description="add a JPEG overlay")]
+ModelQuery = Annotated[str | None, Query(pattern=r"^[A-Za-z0-9._-]{1,128}$",
+                                        description="which model (GET /models); default: SEGMENT_CHECKPOINT's")]
 ConfidenceQuery = Annotated[bool, Query(description="add a greyscale PNG of each pixel's confidence and each class's "
                                                     "mean confidence")]
 
@@ -93,13 +95,14 @@ async def segmenting(state: State) -> AsyncIterator[None]:
 @router.post("/segment", response_model=SegmentResponse, responses={**ERRORS, **PNG_ANSWER},
              dependencies=[Depends(require_key)], response_model_exclude_unset=True)
 async def segment(request: Request, state: ReadyDep, overlay: OverlayQuery = False,
-                  confidence: ConfidenceQuery = False):
+                  confidence: ConfidenceQuery = False, model: ModelQuery = None):
     s, options = state.settings, Options(overlay, confidence)
+    state.model(model)  # an unknown name is refused before the body is read
     async with segmenting(state):
         with state.batcher.arriving():  # a forming batch waits for this request while it is on its way
             t0 = time.perf_counter()
             data = await read_image_field(request, s.max_upload_bytes, s.body_timeout_s)
-            queued = await pipeline.queue(state, data, options, t0)
+            queued = await pipeline.queue(state, data, options, t0, model=model)
         done = await pipeline.result(queued)
     request.state.timings = done.timings.model_dump()  # for the access log
     if wants_png(request):
@@ -111,7 +114,7 @@ async def segment(request: Request, state: ReadyDep, overlay: OverlayQuery = Fal
 @router.post("/segment/batch", response_model=BatchResponse, responses=ERRORS, dependencies=[Depends(require_key)],
              response_model_exclude_unset=True)
 async def segment_batch(request: Request, state: ReadyDep, overlay: OverlayQuery = False,
-                        confidence: ConfidenceQuery = False):
+                        confidence: ConfidenceQuery = False, model: ModelQuery = None):
     """Several frames in one multipart request (parts named `images`): one answer each, in upload order; a frame
     that cannot be segmented gets its own error and does not fail the others."""
     s, options = state.settings, Options(overlay, confidence)
@@ -121,7 +124,8 @@ async def segment_batch(request: Request, state: ReadyDep, overlay: OverlayQuery
             files = await read_file_parts(request, s.max_upload_bytes, s.body_timeout_s, "images", s.max_batch_files)
             pixels = [header_pixels(data) for _, data in files]
             fits = within_budget(pixels, s)
-            queued = await asyncio.gather(*(pipeline.queue(state, data, options, t0, n) if ok else refused(s)
+            state.model(model)  # an unknown name is refused once, not once per frame
+            queued = await asyncio.gather(*(pipeline.queue(state, data, options, t0, n, model) if ok else refused(s)
                                             for (_, data), n, ok in zip(files, pixels, fits, strict=True)),
                                           return_exceptions=True)
 

@@ -22,6 +22,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SEGMENT_", extra="ignore")
 
     checkpoint: Path = Field(DEFAULT_CHECKPOINT, description="the .safetensors checkpoint to serve")
+    models_dir: Path | None = Field(None, description="a folder of more .safetensors checkpoints to serve beside "
+                                    "the default one, each as `?model=STEM` (GET /models lists them)")
+    max_models: int = Field(4, ge=1, le=64, description="most models loaded at once, the default one included; each "
+                            "holds its weights, runtime sessions and an inference thread")
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: CUDA when present")
     precision: Literal["auto", "fp32", "fp16", "bf16", "int8"] = Field(
         "auto", description="auto: fp16 on CUDA; on a CPU the fastest of fp32, bf16 and int8 timed at start-up, "

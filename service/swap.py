@@ -1,8 +1,11 @@
-"""A new model without a restart: `POST /models/reload` (admin key) loads SEGMENT_CHECKPOINT again beside the model
-serving, checks and warms it like a start-up (runtimes, precision card, parity), then switches to it at once.
-Requests already queued finish on the model they started with; its batcher stops, and its memory goes, once they
-have. A file that fails to load or check is refused with the reason, and the model serving keeps serving. Swaps
-are serialised; none starts while the server drains on SIGTERM.
+"""Models as operators run them: SEGMENT_MODELS_DIR's checkpoints served beside the default one (`?model=NAME`,
+`GET /models`), and a new default model without a restart.
+
+`POST /models/reload` (admin key) loads SEGMENT_CHECKPOINT again beside the model serving, checks and warms it
+like a start-up (runtimes, precision card, parity), then switches to it at once. Requests already queued finish
+on the model they started with; its batcher stops, and its memory goes, once they have. A file that fails to
+load or check is refused with the reason, and the model serving keeps serving. Swaps are serialised; none starts
+while the server drains on SIGTERM.
 
 The operator's way to ship a retrained model: write the new file beside the old one, rename it over
 SEGMENT_CHECKPOINT (atomic on one filesystem), then `curl -X POST -H "X-API-Key: $ADMIN" host/models/reload`.
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from typing import Annotated
 
 from fastapi import APIRouter, Depends
@@ -19,7 +23,7 @@ from fastapi.security import HTTPAuthorizationCredentials
 
 from models.checkpoint import CheckpointError, read_meta
 
-from .deps import ReadyDep, SettingsDep, State, api_key_header, bearer, key_matches
+from .deps import ReadyDep, Served, SettingsDep, State, api_key_header, bearer, key_matches
 from .errors import UploadError
 from .predictor import Predictor
 
@@ -40,7 +44,7 @@ async def require_admin_key(settings: SettingsDep,
 
 async def reload(state: State) -> dict:
     """Load SEGMENT_CHECKPOINT again and switch to it when its sha256 changed; returns what serves now."""
-    from .app import serve
+    from .app import publish, serve
 
     async with state.swap_lock:
         if state.draining:
@@ -58,6 +62,7 @@ async def reload(state: State) -> dict:
             return {"changed": False, "sha256": before}
         await asyncio.to_thread(predictor.warmup, settings.warmup_passes, settings.batch_size_for(predictor.device))
         state.served = serve(state, predictor)  # from here new requests go to the new model
+        publish(state)
         task = asyncio.get_running_loop().create_task(old.batcher.drain())
         state.retiring.add(task)
         task.add_done_callback(state.retiring.discard)
@@ -72,3 +77,51 @@ async def reload(state: State) -> dict:
 async def reload_route(state: ReadyDep):
     """Load SEGMENT_CHECKPOINT again and serve it without dropping a request (admin key)."""
     return await reload(state)
+
+
+NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+
+async def load_models_dir(state: State) -> None:
+    """SEGMENT_MODELS_DIR's checkpoints beside the default one, each by its file stem, up to SEGMENT_MAX_MODELS in
+    all; one that cannot be served is listed in GET /models with the reason, and the others serve."""
+    from .app import serve
+
+    s = state.settings
+    if s.models_dir is None:
+        return
+    for path in sorted(s.models_dir.glob("*.safetensors")):
+        name = path.stem
+        if not NAME.fullmatch(name) or name == s.checkpoint.stem:
+            state.failed[name[:128]] = ("its name is the default model's" if name == s.checkpoint.stem else
+                                        "a model name is 1-128 letters, digits, '.', '_' or '-'")
+            continue
+        if 1 + len(state.others) >= s.max_models:
+            state.failed[name] = f"SEGMENT_MAX_MODELS ({s.max_models}) are loaded already"
+            continue
+        try:
+            predictor = await asyncio.to_thread(Predictor.load, path, s.device, s.precision, s.backend, s.cache_dir,
+                                                s.inference_streams, s.tta)
+            await asyncio.to_thread(predictor.warmup, s.warmup_passes, s.batch_size_for(predictor.device))
+        except Exception as e:  # a pickled .pth renamed, a foreign or truncated file: listed, never a failed start
+            state.failed[name] = f"{type(e).__name__}: {e}"
+            log.warning("model %s not served: %s", name, state.failed[name])
+            continue
+        state.others[name] = serve(state, predictor)
+        log.info("serving %s as model %r (%s, %s)", path, name, predictor.backend.name, predictor.precision)
+
+
+def describe(served: Served, default: bool) -> dict:
+    p = served.predictor
+    m = p.meta
+    return {"name": p.checkpoint.path.stem, "default": default, "state": "ready", "sha256": p.checkpoint.sha256,
+            "classes": list(m.classes.names), "input_size": list(m.input_size), "metrics": m.metrics,
+            "backend": p.backend.name, "precision": p.precision}
+
+
+@router.get("/models")
+async def list_models(state: ReadyDep):
+    """Every model this server was asked to serve: name (for `?model=`), sha256, classes, input size, metrics,
+    backend, precision, and state (ready, or failed with the reason)."""
+    return {"models": [describe(state.served, True), *(describe(x, False) for x in state.others.values()),
+                       *({"name": n, "state": "failed", "why": why} for n, why in state.failed.items())]}

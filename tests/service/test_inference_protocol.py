@@ -80,4 +80,4 @@ def test_bad_inference_requests_get_the_protocols_error_body(server):
     r = httpx.post(f"{server}/v2/models/tiny/infer", content=b"{not json")
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]
     r = httpx.post(f"{server}/v2/models/nope/infer", json={"inputs": []})
-    assert r.status_code == 404 and r.json() == {"error": "no model named 'nope'; this server serves 'tiny'"}
+    assert r.status_code == 404 and r.json() == {"error": "no model named 'nope' is served; serving: tiny"}

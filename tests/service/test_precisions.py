@@ -53,7 +53,7 @@ def test_int8_by_name_serves_the_cards_int8_model_and_every_answer_says_so(shipp
         assert sum(c["pixels"] for c in body["classes"]) == 480 * 360 == mask.size
         assert (mask == reference).mean() >= 0.97  # the same street, segmented as fp32 does, bar rounding
         metrics = client.get("/metrics").text
-        assert 'segment_serving{backend="openvino",device="cpu",precision="int8"} 1.0' in metrics
+        assert 'segment_serving{backend="openvino",device="cpu",model="camvid",precision="int8"} 1.0' in metrics
 
 
 def card_json(path) -> dict:

@@ -85,3 +85,32 @@ def test_model_management_is_off_without_admin_keys(checkpoint):  # noqa: F811
                                         warmup_passes=0))) as c:
         r = c.post("/models/reload")
         assert r.status_code == 403 and r.json()["code"] == "admin_disabled"
+
+
+def test_a_models_folder_serves_each_model_by_name_and_lists_the_ones_it_could_not(checkpoint, tmp_path):  # noqa: F811
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    other = load_checkpoint(another_model(checkpoint, folder / "other.safetensors")).sha256
+    (folder / "broken.safetensors").write_bytes(b"\x80\x04 a pickle, renamed")
+    settings = Settings(checkpoint=checkpoint, models_dir=folder, device="cpu", backend="torch", warmup_passes=0)
+    with TestClient(create_app(settings)) as c:
+        listed = {m["name"]: m for m in c.get("/models").json()["models"]}
+        assert listed["tiny"]["default"] and listed["other"]["state"] == "ready"
+        assert listed["other"]["sha256"] == other and listed["other"]["classes"] == listed["tiny"]["classes"]
+        assert listed["broken"]["state"] == "failed" and "CheckpointError" in listed["broken"]["why"]
+        data = IMAGE.read_bytes()
+        by_name = c.post("/segment?model=other", files={"image": ("x.png", data)}).json()
+        assert by_name["model"]["sha256"] == other
+        default = c.post("/segment", files={"image": ("x.png", data)}).json()
+        assert default["model"]["sha256"] == load_checkpoint(checkpoint).sha256
+        r = c.post("/segment?model=broken", files={"image": ("x.png", data)})
+        assert r.status_code == 404 and "CheckpointError" in r.json()["detail"]
+        assert c.post("/segment?model=../etc", files={"image": ("x.png", data)}).status_code == 422
+        assert c.get("/v2/models/other/ready").status_code == 200
+        assert 'segment_serving{backend="torch",device="cpu",model="other",precision="float32"} 1.0' in \
+            c.get("/metrics").text
