@@ -15,19 +15,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
+from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials
 
-from models.checkpoint import CheckpointError, read_meta
+from models.checkpoint import CheckpointError, file_sha256, read_meta
 
 from .deps import ReadyDep, Served, SettingsDep, State, api_key_header, bearer, key_matches
 from .errors import UploadError
 from .predictor import Predictor
+from .upload import read_body
 
 log = logging.getLogger("service")
+NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
 router = APIRouter(tags=["Models"])
 
 
@@ -42,73 +46,161 @@ async def require_admin_key(settings: SettingsDep,
                           "Bearer KEY' or 'X-API-Key: KEY'", {"WWW-Authenticate": "Bearer"})
 
 
+async def load(state: State, path: Path) -> Predictor:
+    """A checkpoint loaded and warmed as at start-up (runtimes, precision card, parity), not yet serving."""
+    s = state.settings
+    predictor = await asyncio.to_thread(Predictor.load, path, s.device, s.precision, s.backend, s.cache_dir,
+                                        s.inference_streams, s.tta)
+    await asyncio.to_thread(predictor.warmup, s.warmup_passes, s.batch_size_for(predictor.device))
+    return predictor
+
+
+def retire(state: State, served: Served) -> None:
+    """A model no longer served finishes what it had queued, then its batcher stops (and its memory goes)."""
+    task = asyncio.get_running_loop().create_task(served.batcher.drain())
+    state.retiring.add(task)
+    task.add_done_callback(state.retiring.discard)
+
+
 async def reload(state: State) -> dict:
-    """Load SEGMENT_CHECKPOINT again and switch to it when its sha256 changed; returns what serves now."""
+    """Load SEGMENT_CHECKPOINT again and switch to it when its sha256 changed; then SEGMENT_MODELS_DIR's files:
+    changed ones swapped, new ones loaded, removed ones unloaded. Returns what changed."""
     from .app import publish, serve
 
     async with state.swap_lock:
         if state.draining:
             raise UploadError(503, "draining", "the server is shutting down; no model is loaded now")
-        old = state.served
-        settings = state.settings
+        old, settings = state.served, state.settings
+        before = old.predictor.checkpoint.sha256
+        answer: dict = {"changed": False, "sha256": before}
         try:
             await asyncio.to_thread(read_meta, settings.checkpoint)
-            predictor = await asyncio.to_thread(Predictor.from_settings, settings)
-        except CheckpointError as e:
-            log.warning("reload refused, %s keeps serving: %s", old.predictor.checkpoint.sha256[:12], e)
+            if await asyncio.to_thread(file_sha256, settings.checkpoint) != before:
+                predictor = await load(state, settings.checkpoint)
+                state.served = serve(state, predictor)  # from here new requests go to the new model
+                retire(state, old)
+                log.info("model swapped: %s -> %s (%s, %s)", before[:12], predictor.checkpoint.sha256[:12],
+                         predictor.backend.name, predictor.precision)
+                answer = {"changed": True, "previous": before, "sha256": predictor.checkpoint.sha256,
+                          "backend": predictor.backend.name, "precision": predictor.precision,
+                          "backend_notes": predictor.backend_notes}
+        except (CheckpointError, OSError) as e:
+            log.warning("reload refused, %s keeps serving: %s", before[:12], e)
             raise UploadError(422, "bad_checkpoint", f"{e}; the model serving keeps serving") from None
-        before = old.predictor.checkpoint.sha256
-        if predictor.checkpoint.sha256 == before:
-            return {"changed": False, "sha256": before}
-        await asyncio.to_thread(predictor.warmup, settings.warmup_passes, settings.batch_size_for(predictor.device))
-        state.served = serve(state, predictor)  # from here new requests go to the new model
+        if settings.models_dir is not None:
+            answer["models"] = await sync_models_dir(state)
         publish(state)
-        task = asyncio.get_running_loop().create_task(old.batcher.drain())
-        state.retiring.add(task)
-        task.add_done_callback(state.retiring.discard)
-        log.info("model swapped: %s -> %s (%s, %s)", before[:12], predictor.checkpoint.sha256[:12],
-                 predictor.backend.name, predictor.precision)
-        return {"changed": True, "previous": before, "sha256": predictor.checkpoint.sha256,
-                "backend": predictor.backend.name, "precision": predictor.precision,
-                "backend_notes": predictor.backend_notes}
-
-
-@router.post("/models/reload", dependencies=[Depends(require_admin_key)])
-async def reload_route(state: ReadyDep):
-    """Load SEGMENT_CHECKPOINT again and serve it without dropping a request (admin key)."""
-    return await reload(state)
-
-
-NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
+        return answer
 
 
 async def load_models_dir(state: State) -> None:
     """SEGMENT_MODELS_DIR's checkpoints beside the default one, each by its file stem, up to SEGMENT_MAX_MODELS in
     all; one that cannot be served is listed in GET /models with the reason, and the others serve."""
+    if state.settings.models_dir is not None:
+        await sync_models_dir(state)
+
+
+async def sync_models_dir(state: State) -> dict[str, str]:
+    """SEGMENT_MODELS_DIR against what serves: each name's outcome (loaded, swapped, unchanged, unloaded, failed:
+    why). A file that fails leaves the version serving it (if any) serving."""
+    s, outcome = state.settings, {}
+    files = {p.stem: p for p in sorted(s.models_dir.glob("*.safetensors"))}
+    for name in [n for n in state.others if n not in files]:
+        retire(state, state.others.pop(name))
+        outcome[name] = "unloaded"
+    for name, path in files.items():
+        outcome[name] = await put(state, name, path)
+    return outcome
+
+
+async def put(state: State, name: str, path: Path) -> str:
+    """Serve `path` as model `name` (beside its current version, if any, then switched); the outcome in words."""
     from .app import serve
 
     s = state.settings
+    if not NAME.fullmatch(name) or name == s.checkpoint.stem:
+        why = ("its name is the default model's" if name == s.checkpoint.stem else
+               "a model name is 1-128 letters, digits, '.', '_' or '-'")
+        state.failed[name[:128]] = why
+        return f"failed: {why}"
+    current = state.others.get(name)
+    if current is None and 1 + len(state.others) >= s.max_models:
+        state.failed[name] = f"SEGMENT_MAX_MODELS ({s.max_models}) are loaded already"
+        return f"failed: {state.failed[name]}"
+    try:
+        if current is not None and await asyncio.to_thread(file_sha256, path) == current.predictor.checkpoint.sha256:
+            return "unchanged"
+        predictor = await load(state, path)
+    except Exception as e:  # a pickled .pth renamed, a foreign or truncated file: listed, never a failed start
+        why = f"{type(e).__name__}: {e}"
+        if current is None:
+            state.failed[name] = why
+        log.warning("model %s not served from %s: %s", name, path.name, why)
+        return f"failed: {why}"
+    state.failed.pop(name, None)
+    state.others[name] = serve(state, predictor)
+    if current is not None:
+        retire(state, current)
+    log.info("serving %s as model %r (%s, %s)", path, name, predictor.backend.name, predictor.precision)
+    return "swapped" if current is not None else "loaded"
+
+
+@router.post("/models/reload", dependencies=[Depends(require_admin_key)])
+async def reload_route(state: ReadyDep):
+    """Load SEGMENT_CHECKPOINT and SEGMENT_MODELS_DIR again and serve what changed without dropping a request
+    (admin key)."""
+    return await reload(state)
+
+
+@router.put("/models/{name}", dependencies=[Depends(require_admin_key)])
+async def put_route(name: str, request: Request, state: ReadyDep):
+    """Upload a checkpoint (the body, capped by SEGMENT_MAX_MODEL_BYTES while it streams) as model `name` in
+    SEGMENT_MODELS_DIR: loaded and checked beside the version serving, then switched (admin key)."""
+    from .app import publish
+
+    s = state.settings
     if s.models_dir is None:
-        return
-    for path in sorted(s.models_dir.glob("*.safetensors")):
-        name = path.stem
-        if not NAME.fullmatch(name) or name == s.checkpoint.stem:
-            state.failed[name[:128]] = ("its name is the default model's" if name == s.checkpoint.stem else
-                                        "a model name is 1-128 letters, digits, '.', '_' or '-'")
-            continue
-        if 1 + len(state.others) >= s.max_models:
-            state.failed[name] = f"SEGMENT_MAX_MODELS ({s.max_models}) are loaded already"
-            continue
-        try:
-            predictor = await asyncio.to_thread(Predictor.load, path, s.device, s.precision, s.backend, s.cache_dir,
-                                                s.inference_streams, s.tta)
-            await asyncio.to_thread(predictor.warmup, s.warmup_passes, s.batch_size_for(predictor.device))
-        except Exception as e:  # a pickled .pth renamed, a foreign or truncated file: listed, never a failed start
-            state.failed[name] = f"{type(e).__name__}: {e}"
-            log.warning("model %s not served: %s", name, state.failed[name])
-            continue
-        state.others[name] = serve(state, predictor)
-        log.info("serving %s as model %r (%s, %s)", path, name, predictor.backend.name, predictor.precision)
+        raise UploadError(409, "no_models_dir", "set SEGMENT_MODELS_DIR to add models at run time")
+    if not NAME.fullmatch(name) or name == s.checkpoint.stem:
+        raise UploadError(422, "bad_model_name", "a model name is 1-128 letters, digits, '.', '_' or '-', and not "
+                          "the default model's (replace that file and POST /models/reload)")
+    upload = s.models_dir / f".{name}.upload-{os.getpid()}.part"  # not *.safetensors: a reload never sees it
+    try:
+        with upload.open("wb") as f:
+            await read_body(request, s.max_model_bytes, s.body_timeout_s * 10, f.write)
+        async with state.swap_lock:
+            await asyncio.to_thread(read_meta, upload)  # refused before it replaces anything
+            outcome = await put(state, name, upload)
+            if outcome.startswith("failed"):
+                raise UploadError(422, "bad_checkpoint", f"{outcome.removeprefix('failed: ')}; nothing changed")
+            target = s.models_dir / f"{name}.safetensors"
+            os.replace(upload, target)  # the folder says what serves, for the next start or reload
+            state.others[name].predictor.checkpoint.path = target
+            publish(state)
+    except CheckpointError as e:
+        raise UploadError(422, "bad_checkpoint", f"{e}; nothing changed") from None
+    finally:
+        upload.unlink(missing_ok=True)
+    return {"name": name, "outcome": outcome, "sha256": state.others[name].predictor.checkpoint.sha256}
+
+
+@router.delete("/models/{name}", dependencies=[Depends(require_admin_key)])
+async def delete_route(name: str, state: ReadyDep):
+    """Unload model `name` and remove its file from SEGMENT_MODELS_DIR (not the default model; admin key)."""
+    from .app import publish
+
+    async with state.swap_lock:
+        if name == state.settings.checkpoint.stem:
+            raise UploadError(409, "default_model", "the default model cannot be removed; replace its file and POST "
+                              "/models/reload")
+        served = state.others.pop(name, None)
+        if served is None:
+            state.model(name)  # 404 with the names that are served
+        retire(state, served)
+        if state.settings.models_dir is not None:
+            (state.settings.models_dir / f"{name}.safetensors").unlink(missing_ok=True)
+        publish(state)
+    return {"name": name, "outcome": "unloaded"}
 
 
 def describe(served: Served, default: bool) -> dict:

@@ -114,3 +114,43 @@ def test_a_models_folder_serves_each_model_by_name_and_lists_the_ones_it_could_n
         assert c.get("/v2/models/other/ready").status_code == 200
         assert 'segment_serving{backend="torch",device="cpu",model="other",precision="float32"} 1.0' in \
             c.get("/metrics").text
+
+
+def test_models_are_added_replaced_and_removed_at_run_time_by_an_admin(checkpoint, tmp_path):  # noqa: F811
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    first = another_model(checkpoint, tmp_path / "first.safetensors")
+    admin = {"X-API-Key": "admin"}
+    settings = Settings(checkpoint=checkpoint, models_dir=folder, device="cpu", backend="torch", warmup_passes=0,
+                        admin_keys="admin", max_model_bytes=60 * 2**20)
+    with TestClient(create_app(settings)) as c:
+        data = IMAGE.read_bytes()
+        put = c.put("/models/street", content=first.read_bytes(), headers=admin).json()
+        assert put == {"name": "street", "outcome": "loaded", "sha256": load_checkpoint(first).sha256}
+        assert (folder / "street.safetensors").read_bytes() == first.read_bytes()
+        answer = c.post("/segment?model=street", files={"image": ("x.png", data)}).json()
+        assert answer["model"] == {**answer["model"], "name": "street.safetensors", "sha256": put["sha256"]}
+        # a broken upload, one over the cap, a bad name: refused, the version serving keeps serving
+        r = c.put("/models/street", content=b"\x80\x04 pickled", headers=admin)
+        assert r.status_code == 422 and r.json()["code"] == "bad_checkpoint"
+        big = c.put("/models/street", content=b"x" * (61 * 2**20), headers=admin)
+        assert big.status_code == 413
+        assert c.put("/models/tiny", content=first.read_bytes(), headers=admin).status_code == 422
+        assert c.put("/models/street", content=first.read_bytes()).status_code == 401
+        assert c.post("/segment?model=street", files={"image": ("x.png", data)}).json()["model"]["sha256"] == \
+            put["sha256"]
+        assert sorted(p.name for p in folder.iterdir()) == ["street.safetensors"]  # no upload left behind
+        # the default model cannot be removed; another can
+        assert c.delete("/models/tiny", headers=admin).status_code == 409
+        assert c.delete("/models/street", headers=admin).json() == {"name": "street", "outcome": "unloaded"}
+        assert c.post("/segment?model=street", files={"image": ("x.png", data)}).status_code == 404
+        assert not (folder / "street.safetensors").exists()
+        # a file dropped into the folder, then POST /models/reload
+        another_model(checkpoint, folder / "dropped.safetensors")
+        assert c.post("/models/reload", headers=admin).json()["models"] == {"dropped": "loaded"}
+        assert c.post("/models/reload", headers=admin).json()["models"] == {"dropped": "unchanged"}
