@@ -64,7 +64,10 @@ async def lifespan(app: FastAPI):
     restore_sigterm = drain_on_sigterm(state, settings.shutdown_delay_s)
     log.info("serving %s on %s with %s (%s, batches of up to %d, %d at once), warm-up %.2fs", settings.checkpoint,
              predictor.device, predictor.backend.name, predictor.precision, batch_size, predictor.streams, seconds)
+    watcher = asyncio.create_task(swap.watch(state, settings.models_watch_s)) if settings.models_watch_s else None
     yield {STATE_KEY: guard}  # uvicorn hands this state to each connection's protocol (connections.py)
+    if watcher is not None:
+        watcher.cancel()
     restore_sigterm()
     state.ready = False
     await asyncio.gather(*(s.batcher.drain() for s in [state.served, *state.others.values()]))

@@ -60,6 +60,8 @@ CONNECTIONS_CLOSED = Counter("segment_connections_closed_total", "connections th
                              "(service/connections.py), by reason", ["reason"], registry=REGISTRY)
 SERVING = Gauge("segment_serving", "1 for each model served, with its backend (runtime), precision and device",
                 ["model", "backend", "precision", "device"], registry=REGISTRY)
+MODEL_IMAGES = Counter("segment_model_images_total", "images segmented, by the model that did (only models "
+                       "served: bounded)", ["model"], registry=REGISTRY)
 OPEN_CONNECTIONS = Gauge("segment_open_connections", "HTTP connections open", registry=REGISTRY)
 MAX_CONNECTIONS = Gauge("segment_max_connections", "the cap on open HTTP connections", registry=REGISTRY)
 INFERENCE_SECONDS = Histogram(

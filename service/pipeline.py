@@ -28,6 +28,7 @@ from .batcher import Job
 from .decode import LARGE_PIXELS, Decoded, decode_upload, header_pixels
 from .deps import State
 from .encode import Encoded, Finished, Prediction, encode
+from .metrics import MODEL_IMAGES
 from .predictor import Predictor
 from .schemas import Timings, ms
 from .settings import Settings
@@ -112,6 +113,7 @@ async def result(queued: Queued) -> Segmented:
     out = done.encoded
     timings = Timings(decode=ms(t1 - queued.started), queue=ms(job.started - job.enqueued),
                       inference=ms(t2 - job.started), encode=ms(out.seconds))
+    MODEL_IMAGES.labels(work.predictor.checkpoint.path.stem).inc()
     return Segmented(*work.upload.size, done.prediction, out.png, out.overlay, out.confidence, timings,
                      work.predictor)
 

@@ -24,6 +24,8 @@ class Settings(BaseSettings):
     checkpoint: Path = Field(DEFAULT_CHECKPOINT, description="the .safetensors checkpoint to serve")
     models_dir: Path | None = Field(None, description="a folder of more .safetensors checkpoints to serve beside "
                                     "the default one, each as `?model=STEM` (GET /models lists them)")
+    models_watch_s: float = Field(0.0, ge=0, description="every so many seconds, reload when SEGMENT_CHECKPOINT or a "
+                                  "file of SEGMENT_MODELS_DIR changed (as POST /models/reload does); 0: off")
     max_model_bytes: int = Field(1024 * 1024 * 1024, ge=1024, description="cap on a checkpoint uploaded with "
                                  "PUT /models/NAME (413 beyond, counted while it streams)")
     max_models: int = Field(4, ge=1, le=64, description="most models loaded at once, the default one included; each "

@@ -203,6 +203,36 @@ async def delete_route(name: str, state: ReadyDep):
     return {"name": name, "outcome": "unloaded"}
 
 
+def snapshot(state: State) -> dict[str, tuple[int, int]]:
+    """What the watcher compares: each served file's (mtime, size)."""
+    s, seen = state.settings, {}
+    files = [s.checkpoint, *(sorted(s.models_dir.glob("*.safetensors")) if s.models_dir is not None else [])]
+    for path in files:
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        seen[str(path)] = (st.st_mtime_ns, st.st_size)
+    return seen
+
+
+async def watch(state: State, every_s: float) -> None:
+    """Reload when SEGMENT_CHECKPOINT or a file of SEGMENT_MODELS_DIR changes, appears or goes (checked every
+    `every_s` seconds); a reload that fails is logged, and the models serving keep serving."""
+    seen = await asyncio.to_thread(snapshot, state)
+    while True:
+        await asyncio.sleep(every_s)
+        now = await asyncio.to_thread(snapshot, state)
+        if now == seen or state.draining:
+            continue
+        seen = now
+        try:
+            outcome = await reload(state)
+            log.info("files changed, reloaded: %s", {k: v for k, v in outcome.items() if k != "backend_notes"})
+        except UploadError as e:
+            log.warning("files changed, reload refused: %s", e.detail)
+
+
 def describe(served: Served, default: bool) -> dict:
     p = served.predictor
     m = p.meta

@@ -154,3 +154,35 @@ def test_models_are_added_replaced_and_removed_at_run_time_by_an_admin(checkpoin
         another_model(checkpoint, folder / "dropped.safetensors")
         assert c.post("/models/reload", headers=admin).json()["models"] == {"dropped": "loaded"}
         assert c.post("/models/reload", headers=admin).json()["models"] == {"dropped": "unchanged"}
+
+
+def test_the_watcher_serves_a_file_dropped_into_the_folder(checkpoint, tmp_path):  # noqa: F811
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    settings = Settings(checkpoint=checkpoint, models_dir=folder, device="cpu", backend="torch", warmup_passes=0,
+                        models_watch_s=0.2)
+    with TestClient(create_app(settings)) as c:
+        assert [m["name"] for m in c.get("/models").json()["models"]] == ["tiny"]
+        another_model(checkpoint, folder / "dropped.safetensors")
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and len(c.get("/models").json()["models"]) < 2:
+            time.sleep(0.2)
+        assert [m["name"] for m in c.get("/models").json()["models"]] == ["tiny", "dropped"]
+        (folder / "dropped.safetensors").unlink()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and len(c.get("/models").json()["models"]) > 1:
+            time.sleep(0.2)
+        assert [m["name"] for m in c.get("/models").json()["models"]] == ["tiny"]
+        from service.metrics import REGISTRY
+
+        def images() -> float:
+            return REGISTRY.get_sample_value("segment_model_images_total", {"model": "tiny"}) or 0.0
+
+        before = images()
+        c.post("/segment", files={"image": ("x.png", IMAGE.read_bytes())})
+        assert images() == before + 1
