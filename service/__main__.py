@@ -34,6 +34,7 @@ def main() -> int:
 
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
                 http=Protocol, h11_max_incomplete_event_size=settings.max_header_bytes,
+                ws_max_size=settings.max_upload_bytes,  # a frame on /segment/stream: the upload cap
                 timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
                 access_log=settings.log_format == "text")  # json: the service writes its own access lines
     return 0
