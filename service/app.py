@@ -16,7 +16,7 @@ from fastapi_offline import FastAPIOffline
 
 from models import __version__
 
-from . import inference_protocol, stream, swap
+from . import inference_protocol, stream, swap, video
 from .backends import cpu_cores
 from .batcher import Batcher
 from .connections import STATE_KEY, Guard, raise_open_file_limit
@@ -115,5 +115,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(inference_protocol.router)
     app.include_router(swap.router)
     app.include_router(stream.router)
+    app.include_router(video.router)
     document_upload(app, settings)
     return app

@@ -59,6 +59,13 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="request body cap (413 beyond)")
     max_batch_files: int = Field(16, ge=1, le=256, description="most 'images' parts in one POST /segment/batch "
                                  "(413 beyond); the byte cap applies to the whole body")
+    max_video_bytes: int = Field(500 * 1024 * 1024, ge=1024, description="POST /segment/video: the clip's bytes, "
+                                 "spooled to a temporary file as they arrive (413 beyond)")
+    max_video_seconds: float = Field(1800.0, gt=0, description="POST /segment/video: the clip's duration, from its "
+                                     "header before decoding (413 beyond)")
+    max_video_fps: float = Field(30.0, gt=0, description="POST /segment/video: most frames sampled per second")
+    video_body_timeout_s: float = Field(300.0, gt=0, description="POST /segment/video: the longest a clip may take "
+                                        "to arrive (408 beyond)")
     max_pixels: int = Field(40_000_000, ge=1, description="image pixel cap, checked before decoding (413)")
     max_aspect_ratio: float = Field(20.0, ge=1, description="longest side over shortest, checked before decoding "
                                     "(422): a 1x4,000,000 strip is no photo, and would cost gigabytes to resize")

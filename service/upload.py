@@ -82,11 +82,31 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float, sink: Ca
 async def read_file_parts(request: Request, max_bytes: int, timeout_s: float, field: str,
                           most: int) -> list[tuple[str, bytes]]:
     """The multipart parts named `field` as (file name, bytes), in upload order, at most `most` of them."""
+    files = await read_multipart(request, max_bytes, timeout_s, FileParts(field, most),
+                                 f", or as JSON {{\"{field}\": \"<base64>\"}}" if most == 1 else "")
+    return [(name, bytes(data)) for name, data in files.parts]
+
+
+class SpooledPart(FileParts):
+    """The one part named `field`, written to `file` as it arrives instead of kept in memory (a video)."""
+
+    def __init__(self, field: str, file):
+        super().__init__(field, 1)
+        self.file = file
+
+    def on_part_data(self, data, start, end):
+        if self.name == self.field:
+            self.file.write(data[start:end])
+
+
+async def read_multipart(request: Request, max_bytes: int, timeout_s: float, files: FileParts,
+                         alternative: str = "") -> FileParts:
+    """Feed the body to `files` (python-multipart callbacks) while it streams in; 422 without a `files.field` part."""
+    field = files.field
     ctype, params = parse_options_header(request.headers.get("content-type", ""))
     if ctype != b"multipart/form-data" or b"boundary" not in params:
-        raise UploadError(422, "missing_field", f"send the image as multipart/form-data in a field named '{field}'"
-                          + (f", or as JSON {{\"{field}\": \"<base64>\"}}" if most == 1 else ""))
-    files = FileParts(field, most)
+        raise UploadError(422, "missing_field", f"send the file as multipart/form-data in a field named '{field}'"
+                          + alternative)
     try:
         parser = MultipartParser(params[b"boundary"], files.callbacks())
     except (MultipartParseError, ValueError) as e:  # e.g. a boundary over 256 characters (RFC 2046's limit is 70)
@@ -100,8 +120,8 @@ async def read_file_parts(request: Request, max_bytes: int, timeout_s: float, fi
 
     await read_body(request, max_bytes, timeout_s, write)
     if not files.parts:
-        raise UploadError(422, "missing_field", f"no '{field}' field in the form; send the image as '{field}'")
-    return [(name, bytes(data)) for name, data in files.parts]
+        raise UploadError(422, "missing_field", f"no '{field}' field in the form; send the file as '{field}'")
+    return files
 
 
 async def read_image_field(request: Request, max_bytes: int, timeout_s: float, field: str = "image") -> bytes:

@@ -1,0 +1,101 @@
+"""POST /segment/video (service/video.py): clips the tests encode themselves, answered frame by frame."""
+
+import io
+import json
+
+import av
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from service.app import create_app
+from service.settings import Settings
+from tests.conftest import CAMVID, checkpoint, post  # noqa: F401
+
+FRAMES = sorted((CAMVID / "images").iterdir())
+
+
+def clip(codec: str = "libx264", container: str = "mp4", seconds: float = 1.0, rate: int = 10,
+         size: tuple[int, int] = (96, 72)) -> bytes:
+    """The fixture frames, in turn, encoded at `rate` frames a second."""
+    out = io.BytesIO()
+    with av.open(out, "w", format=container) as c:
+        stream = c.add_stream(codec, rate=rate)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        for i in range(int(seconds * rate)):
+            image = Image.open(FRAMES[i % len(FRAMES)]).convert("RGB").resize(size)
+            for packet in stream.encode(av.VideoFrame.from_image(image)):
+                c.mux(packet)
+        for packet in stream.encode():
+            c.mux(packet)
+    return out.getvalue()
+
+
+def decoded(data: bytes) -> list[np.ndarray]:
+    with av.open(io.BytesIO(data)) as c:
+        return [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+
+
+@pytest.fixture(scope="module")
+def client(checkpoint):  # noqa: F811
+    with TestClient(create_app(Settings(checkpoint=checkpoint, device="cpu", backend="torch", warmup_passes=0,
+                                        max_video_seconds=5))) as c:
+        yield c
+
+
+def lines(response) -> list[dict]:
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/x-ndjson"
+    return [json.loads(x) for x in response.text.splitlines()]
+
+
+@pytest.mark.parametrize("codec, container", [("libx264", "mp4"), ("libvpx-vp9", "webm")])
+def test_each_frame_is_counted_as_segment_counts_the_same_decoded_frame(client, codec, container):
+    data = clip(codec, container)
+    answer = lines(client.post("/segment/video", files={"video": (f"x.{container}", data)}))
+    frames, summary = answer[:-1], answer[-1]["summary"]
+    assert [f["frame"] for f in frames] == list(range(10)) and summary["frames"] == 10
+    assert [f["time_s"] for f in frames] == pytest.approx([i / 10 for i in range(10)], abs=0.011)
+    for f, pixels in zip(frames, decoded(data), strict=True):
+        png = io.BytesIO()
+        Image.fromarray(pixels).save(png, format="PNG")
+        expected = [c["pixels"] for c in post(client, png.getvalue()).json()["classes"]]
+        assert [c["pixels"] for c in f["classes"]] == expected and sum(expected) == 96 * 72
+    assert sum(summary["mean_fraction"].values()) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_fps_samples_the_clip_and_masks_come_on_request(client):
+    answer = lines(client.post("/segment/video?fps=2.5&masks=true", files={"video": ("x.mp4", clip(seconds=2))}))
+    frames = answer[:-1]
+    assert [f["time_s"] for f in frames] == pytest.approx([0.0, 0.4, 0.8, 1.2, 1.6], abs=0.011)
+    assert Image.open(io.BytesIO(__import__("base64").b64decode(frames[0]["mask"]))).size == (96, 72)
+
+
+def test_bad_clips_get_clear_answers(client):
+    def send(data, name="x.mp4"):
+        return client.post("/segment/video", files={"video": (name, data)})
+
+    r = send(b"this is no video at all" * 100)
+    assert r.status_code == 415 and r.json()["code"] == "unsupported_media_type"
+    audio = io.BytesIO()
+    with av.open(audio, "w", format="wav") as c:
+        s = c.add_stream("pcm_s16le", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 8000), np.int16), format="s16", layout="mono")
+        frame.sample_rate = 8000
+        for p in s.encode(frame):
+            c.mux(p)
+    r = send(audio.getvalue(), "x.wav")
+    assert r.status_code == 422 and r.json()["code"] == "no_video_stream"
+    r = send(clip(seconds=6, rate=5))  # over this client's 5 s limit, refused from the header
+    assert r.status_code == 413 and r.json()["code"] == "too_long"
+    r = send(clip(seconds=0.4, size=(2, 200)))
+    assert r.status_code == 422 and r.json()["code"] == "aspect_ratio"
+    whole = clip(seconds=3)
+    r = send(whole[: len(whole) * 2 // 3])  # an MP4 cut short has no index: unreadable, said so
+    assert r.status_code == 415 and "cut short" in r.json()["detail"]
+    webm = clip("libvpx-vp9", "webm", seconds=3)
+    cut = lines(send(webm[: len(webm) // 2], "x.webm"))  # a WebM cut short: the frames it has, then the end
+    assert 0 < len(cut) - 1 < 30 and ("error" in cut[-1] or "summary" in cut[-1])
+    r = client.post("/segment/video", files={"image": ("x.mp4", whole)})
+    assert r.status_code == 422 and "'video'" in r.json()["detail"]
