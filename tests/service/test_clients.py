@@ -315,3 +315,53 @@ def test_a_batch_shares_one_pixel_budget(checkpoint):  # noqa: F811
         items = r.json()["results"]
         assert [("error" in x) for x in items] == [False, False, True]
         assert items[2]["error"]["code"] == "too_many_pixels" and "together" in items[2]["error"]["detail"]
+
+
+def test_the_client_turns_a_clip_into_counts_a_chart_and_an_overlay_video(checkpoint, tmp_path):  # noqa: F811
+    import av
+
+    from tests.service.test_video import clip
+
+    video = tmp_path / "drive.mp4"
+    video.write_bytes(clip(seconds=1.0, rate=10))
+    proc, base, _ = start_service({"SEGMENT_CHECKPOINT": str(checkpoint), "SEGMENT_DEVICE": "cpu",
+                                   "SEGMENT_BACKEND": "torch", "SEGMENT_WARMUP_PASSES": "1",
+                                   "SEGMENT_LOG_LEVEL": "warning"})
+    try:
+        done = subprocess.run([sys.executable, "-m", "segment_client", "--server", base, "--out", str(tmp_path / "out"),
+                               "--fps", "5", "--quiet", str(video)], capture_output=True, text=True, timeout=120)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert done.returncode == 0, done.stderr
+    rows = list(csv.reader((tmp_path / "out" / "drive_counts.csv").open()))
+    assert rows[0][:2] == ["frame", "time_s"] and len(rows) == 1 + 5
+    assert all(sum(map(int, r[2:])) == 96 * 72 for r in rows[1:])
+    assert Image.open(tmp_path / "out" / "drive_fractions.png").size == (960, 400)
+    with av.open(str(tmp_path / "out" / "drive_overlay.mp4")) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    assert len(frames) == 5 and frames[0].shape == (72, 96, 3)
+
+
+def test_the_client_package_installs_and_runs_without_torch():
+    probe = ("import sys, segment_client, segment_client.clips; "
+             "assert 'torch' not in sys.modules and 'service' not in sys.modules, sorted(sys.modules)")
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0
+    import tomllib
+
+    meta = tomllib.loads((CAMVID.parents[2] / "clients" / "python" / "pyproject.toml").read_text())["project"]
+    assert meta["scripts"] == {"segment-client": "segment_client:main"}
+    assert not [d for d in meta["dependencies"] + meta["optional-dependencies"]["video"] if "torch" in d]
+
+
+def test_the_client_package_installs_alone_into_a_fresh_environment(tmp_path):
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    root = CAMVID.parents[2]
+    done = subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", str(root / "clients" / "python")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert subprocess.run([str(venv / "bin" / "segment-client"), "--help"], capture_output=True,
+                          text=True).stdout.startswith("usage: segment-client")
+    listed = subprocess.run([str(venv / "bin" / "pip"), "list"], capture_output=True, text=True).stdout.lower()
+    assert "torch" not in listed and "fastapi" not in listed
