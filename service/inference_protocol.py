@@ -219,8 +219,8 @@ async def infer(name: str, request: Request, state: StateDep, version: str | Non
     try:
         check_model(state, name, version)
         s = state.settings
-        async with segmenting(state):
-            with state.batcher.arriving():
+        async with segmenting(state, name):
+            with state.model(name).batcher.arriving():
                 t0 = time.perf_counter()
                 body = bytearray()
                 await read_body(request, s.max_upload_bytes, s.body_timeout_s, body.extend)

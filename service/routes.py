@@ -73,14 +73,15 @@ ConfidenceQuery = Annotated[bool, Query(description="add a greyscale PNG of each
 
 
 @asynccontextmanager
-async def segmenting(state: State) -> AsyncIterator[None]:
-    """The start both /segment routes share: refused at once when every queue slot is taken (503, before the body is
-    read or decoded: a refused request costs nothing), then the request timeout (504) around the upload, decode,
-    queue, inference and encode."""
+async def segmenting(state: State, model: str | None = None) -> AsyncIterator[None]:
+    """The start both /segment routes share: refused at once when every queue slot of the model's is taken (503,
+    before the body is read or decoded: a refused request costs nothing), then the request timeout (504) around the
+    upload, decode, queue, inference and encode."""
     s = state.settings
     overloaded = UploadError(503, "overloaded", f"{s.queue_size} requests are already waiting; retry shortly",
                              {"Retry-After": "1"})
-    if state.batcher.at_capacity():
+    batcher = state.model(model).batcher
+    if batcher.at_capacity():
         raise overloaded
     try:
         async with asyncio.timeout(s.request_timeout_s):
@@ -97,9 +98,8 @@ async def segmenting(state: State) -> AsyncIterator[None]:
 async def segment(request: Request, state: ReadyDep, overlay: OverlayQuery = False,
                   confidence: ConfidenceQuery = False, model: ModelQuery = None):
     s, options = state.settings, Options(overlay, confidence)
-    state.model(model)  # an unknown name is refused before the body is read
-    async with segmenting(state):
-        with state.batcher.arriving():  # a forming batch waits for this request while it is on its way
+    async with segmenting(state, model):  # an unknown name is refused here, before the body is read
+        with state.model(model).batcher.arriving():  # a forming batch waits for this request on its way
             t0 = time.perf_counter()
             data = await read_image_field(request, s.max_upload_bytes, s.body_timeout_s)
             queued = await pipeline.queue(state, data, options, t0, model=model)
@@ -118,13 +118,12 @@ async def segment_batch(request: Request, state: ReadyDep, overlay: OverlayQuery
     """Several frames in one multipart request (parts named `images`): one answer each, in upload order; a frame
     that cannot be segmented gets its own error and does not fail the others."""
     s, options = state.settings, Options(overlay, confidence)
-    async with segmenting(state):
-        with state.batcher.arriving():
+    async with segmenting(state, model):
+        with state.model(model).batcher.arriving():
             t0 = time.perf_counter()
             files = await read_file_parts(request, s.max_upload_bytes, s.body_timeout_s, "images", s.max_batch_files)
             pixels = [header_pixels(data) for _, data in files]
             fits = within_budget(pixels, s)
-            state.model(model)  # an unknown name is refused once, not once per frame
             queued = await asyncio.gather(*(pipeline.queue(state, data, options, t0, n, model) if ok else refused(s)
                                             for (_, data), n, ok in zip(files, pixels, fits, strict=True)),
                                           return_exceptions=True)
