@@ -3,7 +3,9 @@
 One line per sampled frame as soon as it is done, `{"frame", "time_s", "classes": [{name, pixels, fraction}]}`
 (with `?masks=true` also `mask`, the palette PNG in base64), then one summary line `{"summary": {frames,
 duration_s, mean_fraction, timings_ms}}`. Frames are sampled at `?fps=` (default: the clip's own rate, at most
-`SEGMENT_MAX_VIDEO_FPS`) and go through the same batcher as uploads, a few in flight at once.
+`SEGMENT_MAX_VIDEO_FPS`) and go through the same batcher as uploads, a few in flight at once. With
+`Accept: video/mp4` the answer is instead the clip re-encoded (H.264, fragmented MP4, streamed as it is encoded)
+with each sampled frame's mask blended over it.
 
 Bounded by design: the upload is spooled to a temporary file while it streams in (`SEGMENT_MAX_VIDEO_BYTES`), the
 duration (`SEGMENT_MAX_VIDEO_SECONDS`) and frame size (the pixel and aspect caps) are read from the container's
@@ -18,13 +20,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import io
 import json
+import logging
 import os
 import tempfile
 import time
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 
@@ -37,6 +42,7 @@ from .pipeline import Options
 from .upload import SpooledPart, read_multipart
 
 router = APIRouter()
+log = logging.getLogger("service")
 IN_FLIGHT = 4  # frames queued ahead of the one being answered: batches on a GPU, flat memory everywhere
 
 
@@ -93,54 +99,95 @@ def line(payload: dict) -> bytes:
     return (json.dumps(payload) + "\n").encode()
 
 
-async def frames_ndjson(state: State, clip: Clip, first, spool: Path, masks: bool):
-    """The NDJSON lines; the clip and its spool are closed and removed however this ends (a disconnect included)."""
-    loop, t0 = asyncio.get_running_loop(), time.perf_counter()
+async def segmented(state: State, clip: Clip, first):
+    """(index, time, RGB frame, Segmented) for each sampled frame in order, IN_FLIGHT of them queued ahead."""
+    loop = asyncio.get_running_loop()
     pending: collections.deque = collections.deque()
-    sums, done = None, 0
+    frame = first
     try:
-        frame = first
         while frame is not None or pending:
             if frame is not None and len(pending) < IN_FLIGHT:
                 index, t, image = frame
                 queued = await pipeline.queue_pixels(state, image, Options(), time.perf_counter())
-                pending.append((index, t, asyncio.ensure_future(pipeline.result(queued))))
+                pending.append((index, t, image, asyncio.ensure_future(pipeline.result(queued))))
                 frame = await loop.run_in_executor(state.codec, clip.next_frame)
                 continue
-            index, t, future = pending.popleft()
-            result = await future
-            p, counts = result.predictor, result.result.counts
-            total = result.width * result.height
+            index, t, image, future = pending.popleft()
+            yield index, t, image, await future
+    finally:
+        for *_, future in pending:
+            future.cancel()
+
+
+def failure(e: Exception) -> dict:
+    if isinstance(e, QueueFull):
+        return {"detail": "the service is overloaded; the clip was cut short here", "code": "overloaded"}
+    # a clip that breaks mid-way (FFmpeg's errors): what was done, then why it stopped
+    return {"detail": f"the clip could not be decoded further ({type(e).__name__}: {e})", "code": "corrupt_video"}
+
+
+async def frames_ndjson(state: State, clip: Clip, first, spool: Path, masks: bool):
+    """The NDJSON lines; the clip and its spool are closed and removed however this ends (a disconnect included)."""
+    t0, sums, done, names = time.perf_counter(), None, 0, state.predictor.meta.classes.names
+    try:
+        async for index, t, _, result in segmented(state, clip, first):
+            counts, total = result.result.counts, result.width * result.height
             sums = [a + c / total for a, c in zip(sums or [0.0] * len(counts), counts, strict=True)]
             done += 1
             out = {"frame": index, "time_s": round(t, 3), "classes": [
                 {"name": n, "pixels": c, "fraction": round(c / total, 4)}
-                for n, c in zip(p.meta.classes.names, counts, strict=True)]}
+                for n, c in zip(result.predictor.meta.classes.names, counts, strict=True)]}
             if masks:
                 out["mask"] = base64.b64encode(result.png).decode()
             yield line(out)
-        names = state.predictor.meta.classes.names
-        yield line({"summary": {"frames": done, "duration_s": round(clip.seconds, 3),
-                                "mean_fraction": {n: round(x / max(done, 1), 4) for n, x in zip(names, sums or [0.0] *
-                                                                                               len(names),
-                                                                                               strict=True)},
+        means = {n: round(x / max(done, 1), 4) for n, x in zip(names, sums or [0.0] * len(names), strict=True)}
+        yield line({"summary": {"frames": done, "duration_s": round(clip.seconds, 3), "mean_fraction": means,
                                 "timings_ms": {"total": round((time.perf_counter() - t0) * 1000, 1)}}})
-    except QueueFull:
-        yield line({"error": {"detail": "the service is overloaded; the clip was cut short here",
-                              "code": "overloaded"}})
-    except Exception as e:  # a clip that breaks mid-way (FFmpeg's errors): what was done, then why it stopped
-        yield line({"error": {"detail": f"the clip could not be decoded further ({type(e).__name__}: {e})",
-                              "code": "corrupt_video"}})
+    except Exception as e:
+        yield line({"error": failure(e)})
     finally:
-        for _, _, future in pending:
-            future.cancel()
+        clip.close()
+        spool.unlink(missing_ok=True)
+
+
+async def overlay_mp4(state: State, clip: Clip, first, spool: Path, alpha: float):
+    """The clip again, H.264 in fragmented MP4 (playable while it streams), each sampled frame with its mask
+    blended over it; chunks as the encoder writes them. A clip that breaks mid-way ends early."""
+    import av
+
+    buffer, colours = io.BytesIO(), np.array(state.predictor.meta.classes.colors, np.float32)
+    rate = max(1, round(1 / clip.interval))
+    try:
+        with av.open(buffer, "w", format="mp4", options={"movflags": "frag_keyframe+empty_moov"}) as out:
+            stream = None
+            async for _, _, image, result in segmented(state, clip, first):
+                if stream is None:
+                    stream = out.add_stream("libx264", rate=rate, options={"preset": "veryfast"})
+                    stream.height, stream.width = image.shape[0] // 2 * 2, image.shape[1] // 2 * 2
+                    stream.pix_fmt = "yuv420p"
+                blended = (image * (1 - alpha) + colours[result.result.mask] * alpha).astype(np.uint8)
+                frame = av.VideoFrame.from_ndarray(blended[:stream.height, :stream.width], format="rgb24")
+                for packet in stream.encode(frame):
+                    out.mux(packet)
+                if buffer.tell():
+                    yield buffer.getvalue()
+                    buffer.seek(0)
+                    buffer.truncate()
+            if stream is not None:
+                for packet in stream.encode():
+                    out.mux(packet)
+        yield buffer.getvalue()
+    except Exception as e:  # the answer has started: the error can only end it (and the log says why)
+        log.warning("clip overlay cut short: %s", failure(e)["detail"])
+    finally:
         clip.close()
         spool.unlink(missing_ok=True)
 
 
 @router.post("/segment/video", dependencies=[Depends(require_key)],
-             responses={200: {"content": {"application/x-ndjson": {}}, "description": "one JSON line per frame, "
-                                                                                     "then a summary line"}})
+             responses={200: {"content": {"application/x-ndjson": {}, "video/mp4": {}},
+                              "description": "one JSON line per frame, then a summary line; with `Accept: video/mp4` "
+                                             "the clip with its masks over it (H.264, fragmented MP4)"}})
 async def segment_video(request: Request, state: ReadyDep,
                         fps: Annotated[float | None, Query(gt=0, le=240, description="frames sampled per second; "
                                                            "default: the clip's own rate, capped")] = None,
@@ -166,4 +213,6 @@ async def segment_video(request: Request, state: ReadyDep,
     except BaseException:
         spool.unlink(missing_ok=True)
         raise
+    if "video/mp4" in request.headers.get("accept", ""):
+        return StreamingResponse(overlay_mp4(state, clip, first, spool, s.overlay_alpha), media_type="video/mp4")
     return StreamingResponse(frames_ndjson(state, clip, first, spool, masks), media_type="application/x-ndjson")

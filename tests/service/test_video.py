@@ -72,6 +72,17 @@ def test_fps_samples_the_clip_and_masks_come_on_request(client):
     assert Image.open(io.BytesIO(__import__("base64").b64decode(frames[0]["mask"]))).size == (96, 72)
 
 
+def test_accept_video_mp4_answers_the_clip_with_its_masks_over_it(client):
+    data = clip(seconds=1.0)
+    r = client.post("/segment/video?fps=5", files={"video": ("x.mp4", data)}, headers={"Accept": "video/mp4"})
+    assert r.status_code == 200 and r.headers["content-type"] == "video/mp4"
+    overlaid = decoded(r.content)
+    originals = decoded(data)[::2]
+    assert len(overlaid) == 5 and overlaid[0].shape == (72, 96, 3)
+    difference = np.abs(overlaid[0].astype(int) - originals[0].astype(int)).mean()
+    assert 5 < difference < 120  # the mask's colours at half opacity over the frame, not the frame alone
+
+
 def test_bad_clips_get_clear_answers(client):
     def send(data, name="x.mp4"):
         return client.post("/segment/video", files={"video": (name, data)})
