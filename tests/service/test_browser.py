@@ -3,6 +3,7 @@ the real server serving the shipped model. Skipped where that browser is not ins
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import httpx
@@ -16,7 +17,8 @@ CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/c
 IMAGE = CAMVID / "images" / "0016E5_07959.png"  # a real CamVid frame, 96x72
 # Headless, and quiet on a machine without internet: no background requests, no sandbox as root.
 FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-         "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+         "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]  # a test pattern as the camera
 
 sync_api = pytest.importorskip("playwright.sync_api")
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM} "
@@ -169,3 +171,25 @@ def test_a_browser_app_on_another_origin_can_call_only_when_its_origin_is_allowe
                 assert "error" in result and "Failed to fetch" in result["error"], result  # the browser blocked it
     finally:
         site.shutdown()
+
+
+def test_camera_mode_streams_the_webcam_and_shows_live_masks(server, browser):
+    # Chromium's fake camera (a moving test pattern), allowed without a prompt
+    context = browser.new_context(viewport={"width": 1280, "height": 800}, permissions=["camera"])
+    page = context.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    try:
+        page.goto(server + "/")
+        page.click("#camera")
+        deadline = time.monotonic() + 60  # polled from here: the page's CSP forbids evaluating strings in it
+        while int(page.locator("#live").get_attribute("data-answered") or 0) < 3 and time.monotonic() < deadline:
+            page.wait_for_timeout(200)
+        assert int(page.locator("#live").get_attribute("data-answered") or 0) >= 3
+        assert page.locator("#live-mask").get_attribute("src").startswith("data:image/png;base64,")
+        sync_api.expect(page.locator("#live-status")).to_contain_text("answered")
+        page.click("#camera")
+        assert page.locator("#live").is_hidden()
+    finally:
+        context.close()
+    assert not errors, errors
