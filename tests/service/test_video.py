@@ -2,8 +2,10 @@
 
 import io
 import json
+import os
 
 import av
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -110,3 +112,37 @@ def test_bad_clips_get_clear_answers(client):
     assert 0 < len(cut) - 1 < 30 and ("error" in cut[-1] or "summary" in cut[-1])
     r = client.post("/segment/video", files={"image": ("x.mp4", whole)})
     assert r.status_code == 422 and "'video'" in r.json()["detail"]
+
+
+def test_a_client_that_disconnects_mid_clip_stops_the_decoding(checkpoint, tmp_path):  # noqa: F811
+    import socket
+    import subprocess
+    import time
+
+    from tests.live import start_service
+
+    def cpu_seconds(pid: int) -> float:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    data = clip(seconds=120, rate=10)  # 1,200 frames: seconds of work left when the client leaves
+    proc, base, env = start_service({"SEGMENT_CHECKPOINT": str(checkpoint), "SEGMENT_DEVICE": "cpu",
+                                     "SEGMENT_BACKEND": "torch", "SEGMENT_WARMUP_PASSES": "1",
+                                     "SEGMENT_LOG_LEVEL": "warning"}, stderr=subprocess.PIPE, text=True)
+    try:
+        body = (b"--b\r\nContent-Disposition: form-data; name=\"video\"; filename=\"c.mp4\"\r\n\r\n" + data
+                + b"\r\n--b--\r\n")
+        s = socket.create_connection(("127.0.0.1", int(env["SEGMENT_PORT"])), timeout=30)
+        s.sendall(b"POST /segment/video HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        assert b'{"frame": 0' in s.recv(65536) + s.recv(65536)  # the answer has started
+        s.close()
+        time.sleep(2)  # the server notices, cancels the clip's work, lets in-flight forwards end
+        before = cpu_seconds(proc.pid)
+        time.sleep(3)
+        assert cpu_seconds(proc.pid) - before < 0.5  # idle: nobody decodes or segments the rest of the clip
+        assert httpx.get(f"{base}/health").status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert "Traceback" not in proc.stderr.read()
