@@ -193,3 +193,16 @@ def test_camera_mode_streams_the_webcam_and_shows_live_masks(server, browser):
     finally:
         context.close()
     assert not errors, errors
+
+
+def test_a_clip_dropped_on_the_demo_page_is_charted_over_time(server, page, tmp_path):
+    from tests.service.test_video import clip
+
+    video = tmp_path / "drive.mp4"
+    video.write_bytes(clip(seconds=2.0, rate=10))
+    page.goto(server + "/")
+    page.set_input_files("#file", str(video))
+    sync_api.expect(page.locator("#clip")).to_have_attribute("data-state", "done", timeout=60000)
+    assert page.locator("#clip").get_attribute("data-frames") == "10"  # 2 s sampled at 5 frames a second
+    sync_api.expect(page.locator("#status")).to_contain_text("drive.mp4: 10 frames, 2 s")
+    assert page.locator("#clip-legend span").count() == 11  # every class but void
