@@ -146,3 +146,13 @@ def test_a_client_that_disconnects_mid_clip_stops_the_decoding(checkpoint, tmp_p
         proc.terminate()
         proc.wait(30)
     assert "Traceback" not in proc.stderr.read()
+
+
+def test_keys_apply_to_clips(checkpoint):  # noqa: F811
+    settings = Settings(checkpoint=checkpoint, device="cpu", backend="torch", warmup_passes=0, api_keys="k1")
+    with TestClient(create_app(settings)) as c:
+        data = clip(seconds=0.3)
+        r = c.post("/segment/video", files={"video": ("x.mp4", data)})
+        assert r.status_code == 401 and r.json()["code"] == "unauthorized"
+        ok = c.post("/segment/video", files={"video": ("x.mp4", data)}, headers={"X-API-Key": "k1"})
+        assert ok.status_code == 200
