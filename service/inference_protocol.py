@@ -29,6 +29,7 @@ import time
 import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 
 from models import __version__
 
@@ -38,11 +39,19 @@ from .deps import State, StateDep, require_key
 from .errors import UploadError
 from .pipeline import Options
 from .routes import segmenting
-from .schemas import hexcolor
+from .schemas import ErrorBody, hexcolor
 from .upload import read_body
 
 HEADER = "Inference-Header-Content-Length"
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
+
+
+class ProtocolErrorBody(BaseModel):
+    error: str
+
+
+PROTOCOL_ERRORS = {s: {"model": ProtocolErrorBody} for s in (400, 404, 408, 413, 415, 422, 503, 504)}
+PROTOCOL_ERRORS[401] = {"model": ErrorBody}  # the key check is the service's own (as on /segment)
 
 
 class ProtocolError(Exception):
@@ -86,12 +95,12 @@ async def server_metadata():
 
 @router.get("/health/live")
 async def live():
-    return Response(status_code=200)
+    return {"live": True}
 
 
-@router.get("/health/ready")
+@router.get("/health/ready", responses={503: {"description": "loading or draining"}})
 async def ready(state: StateDep):
-    return Response(status_code=200 if state.ready else 503)
+    return JSONResponse({"ready": state.ready}, status_code=200 if state.ready else 503)
 
 
 def metadata(state: State, name: str, version: str | None) -> dict:
@@ -110,8 +119,8 @@ def metadata(state: State, name: str, version: str | None) -> dict:
                            "precision": predictor.precision}}
 
 
-@router.get("/models/{name}", dependencies=[Depends(require_key)])
-@router.get("/models/{name}/versions/{version}", dependencies=[Depends(require_key)])
+@router.get("/models/{name}", dependencies=[Depends(require_key)], responses=PROTOCOL_ERRORS)
+@router.get("/models/{name}/versions/{version}", dependencies=[Depends(require_key)], responses=PROTOCOL_ERRORS)
 async def model_metadata(name: str, state: StateDep, version: str | None = None):
     try:
         return metadata(state, name, version)
@@ -119,14 +128,14 @@ async def model_metadata(name: str, state: StateDep, version: str | None = None)
         return error(e.status, e.message)
 
 
-@router.get("/models/{name}/ready", dependencies=[Depends(require_key)])
-@router.get("/models/{name}/versions/{version}/ready", dependencies=[Depends(require_key)])
+@router.get("/models/{name}/ready", dependencies=[Depends(require_key)], responses=PROTOCOL_ERRORS)
+@router.get("/models/{name}/versions/{version}/ready", dependencies=[Depends(require_key)], responses=PROTOCOL_ERRORS)
 async def model_ready(name: str, state: StateDep, version: str | None = None):
     try:
         check_model(state, name, version)
     except ProtocolError as e:
         return error(e.status, e.message)
-    return Response(status_code=200)
+    return {"name": name, "ready": True}
 
 
 def parse(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
@@ -213,8 +222,15 @@ def outputs_wanted(document: dict) -> list[tuple[str, bool]]:
     return wanted
 
 
-@router.post("/models/{name}/infer", dependencies=[Depends(require_key)])
-@router.post("/models/{name}/versions/{version}/infer", dependencies=[Depends(require_key)])
+INFER_ANSWER = {200: {"content": {"application/json": {}, "application/octet-stream": {}},
+                      "description": "the outputs; with binary outputs, JSON then the tensors' bytes "
+                                     f"({HEADER} gives the JSON's length)"}}
+
+
+@router.post("/models/{name}/infer", dependencies=[Depends(require_key)],
+             responses={**PROTOCOL_ERRORS, **INFER_ANSWER})
+@router.post("/models/{name}/versions/{version}/infer", dependencies=[Depends(require_key)],
+             responses={**PROTOCOL_ERRORS, **INFER_ANSWER})
 async def infer(name: str, request: Request, state: StateDep, version: str | None = None):
     try:
         check_model(state, name, version)

@@ -53,7 +53,7 @@ def content_security_policy(page: str) -> str:
 
 
 DEMO_CSP = content_security_policy(DEMO_PAGE)
-ERRORS = {s: {"model": ErrorBody} for s in (401, 408, 413, 415, 422, 503, 504)}
+ERRORS = {s: {"model": ErrorBody} for s in (401, 404, 408, 413, 415, 422, 503, 504)}
 PNG_ANSWER = {200: {"content": {"image/png": {}}, "description": "JSON by default; the palette PNG itself with "
                     "`Accept: image/png` (counts in the X-Class-Pixels header)"}}
 

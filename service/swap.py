@@ -28,6 +28,7 @@ from models.checkpoint import CheckpointError, file_sha256, read_meta
 from .deps import ReadyDep, Served, SettingsDep, State, api_key_header, bearer, key_matches
 from .errors import UploadError
 from .predictor import Predictor
+from .schemas import ErrorBody
 from .upload import read_body
 
 log = logging.getLogger("service")
@@ -145,14 +146,17 @@ async def put(state: State, name: str, path: Path) -> str:
     return "swapped" if current is not None else "loaded"
 
 
-@router.post("/models/reload", dependencies=[Depends(require_admin_key)])
+ADMIN_ERRORS = {s: {"model": ErrorBody} for s in (401, 403, 404, 408, 409, 413, 422, 503)}
+
+
+@router.post("/models/reload", dependencies=[Depends(require_admin_key)], responses=ADMIN_ERRORS)
 async def reload_route(state: ReadyDep):
     """Load SEGMENT_CHECKPOINT and SEGMENT_MODELS_DIR again and serve what changed without dropping a request
     (admin key)."""
     return await reload(state)
 
 
-@router.put("/models/{name}", dependencies=[Depends(require_admin_key)])
+@router.put("/models/{name}", dependencies=[Depends(require_admin_key)], responses=ADMIN_ERRORS)
 async def put_route(name: str, request: Request, state: ReadyDep):
     """Upload a checkpoint (the body, capped by SEGMENT_MAX_MODEL_BYTES while it streams) as model `name` in
     SEGMENT_MODELS_DIR: loaded and checked beside the version serving, then switched (admin key)."""
@@ -184,7 +188,7 @@ async def put_route(name: str, request: Request, state: ReadyDep):
     return {"name": name, "outcome": outcome, "sha256": state.others[name].predictor.checkpoint.sha256}
 
 
-@router.delete("/models/{name}", dependencies=[Depends(require_admin_key)])
+@router.delete("/models/{name}", dependencies=[Depends(require_admin_key)], responses=ADMIN_ERRORS)
 async def delete_route(name: str, state: ReadyDep):
     """Unload model `name` and remove its file from SEGMENT_MODELS_DIR (not the default model; admin key)."""
     from .app import publish

@@ -39,6 +39,7 @@ from .decode import check_shape
 from .deps import ReadyDep, State, require_key
 from .errors import UploadError
 from .pipeline import Options
+from .routes import ERRORS
 from .upload import SpooledPart, read_multipart
 
 router = APIRouter()
@@ -185,7 +186,7 @@ async def overlay_mp4(state: State, clip: Clip, first, spool: Path, alpha: float
 
 
 @router.post("/segment/video", dependencies=[Depends(require_key)],
-             responses={200: {"content": {"application/x-ndjson": {}, "video/mp4": {}},
+             responses={**ERRORS, 200: {"content": {"application/x-ndjson": {}, "video/mp4": {}},
                               "description": "one JSON line per frame, then a summary line; with `Accept: video/mp4` "
                                              "the clip with its masks over it (H.264, fragmented MP4)"}})
 async def segment_video(request: Request, state: ReadyDep,
