@@ -19,11 +19,12 @@ when asked for by name) and says why in one line.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from .checkpoint import file_sha256
 
 CARD_FORMAT = "camvid-segment/precision-card"
 CARD_VERSION = 1
@@ -38,14 +39,6 @@ def card_path(checkpoint: Path) -> Path:
 
 def int8_path(checkpoint: Path) -> Path:
     return Path(checkpoint).with_suffix(".int8.onnx")
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass
@@ -113,7 +106,7 @@ def read_card(checkpoint: Path, sha256: str) -> PrecisionCard:
         file = path.parent / str(card.int8.get("file", ""))
         if not file.is_file():
             card.int8 = {"problem": f"its int8 model {file.name} is missing"}
-        elif sha256_of(file) != card.int8.get("sha256"):
+        elif file_sha256(file) != card.int8.get("sha256"):
             card.int8 = {"problem": f"its int8 model {file.name} changed since the card was written"}
     return card
 

@@ -58,7 +58,8 @@ async def lifespan(app: FastAPI):
     gc.collect()
     gc.freeze()
     state.served = serve(state, predictor)
-    await swap.load_models_dir(state)
+    if settings.models_dir is not None:
+        await swap.sync_models_dir(state)
     publish(state)
     state.ready = True
     restore_sigterm = drain_on_sigterm(state, settings.shutdown_delay_s)

@@ -20,6 +20,7 @@ as for /segment; errors are `{"error": "..."}` with the status /segment would gi
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -240,9 +241,9 @@ async def infer(name: str, request: Request, state: StateDep, version: str | Non
                 t0 = time.perf_counter()
                 body = bytearray()
                 await read_body(request, s.max_upload_bytes, s.body_timeout_s, body.extend)
-                document, binary = parse(bytes(body), request.headers.get(HEADER))
-                wanted = outputs_wanted(document)
-                image = input_image(document["inputs"][0], binary, state)
+                # JSON of up to the upload cap, and UINT8 data as numbers, parsed on a codec thread, not the event loop
+                document, wanted, image = await asyncio.get_running_loop().run_in_executor(
+                    state.codec, read_request, bytes(body), request.headers.get(HEADER), state)
                 queued = await (pipeline.queue(state, image, Options(), t0, model=name) if isinstance(image, bytes)
                                 else pipeline.queue_pixels(state, image, Options(), t0, model=name))
             done = await pipeline.result(queued)
@@ -250,6 +251,21 @@ async def infer(name: str, request: Request, state: StateDep, version: str | Non
         return error(e.status, e.message)
     except UploadError as e:
         return JSONResponse({"error": e.detail}, status_code=e.status, headers=e.headers)
+    head, blobs = await asyncio.get_running_loop().run_in_executor(state.codec, answer_body, done, wanted,
+                                                                   document.get("id", ""))
+    if not blobs:
+        return Response(head, media_type="application/json")
+    return Response(head + b"".join(blobs), media_type="application/octet-stream", headers={HEADER: str(len(head))})
+
+
+def read_request(body: bytes, header_length: str | None, state: State):
+    """The request's document, the outputs it wants and its image (encoded bytes or an RGB array)."""
+    document, binary = parse(body, header_length)
+    return document, outputs_wanted(document), input_image(document["inputs"][0], binary, state)
+
+
+def answer_body(done, wanted: list[tuple[str, bool]], request_id) -> tuple[bytes, list[bytes]]:
+    """The answer's JSON document and the binary tensors after it (a mask in JSON is H x W numbers)."""
     arrays = {"mask": done.result.mask, "counts": np.asarray(done.result.counts, dtype=np.int64)}
     kinds = {"mask": "UINT8", "counts": "INT64"}
     outputs, blobs = [], []
@@ -263,8 +279,6 @@ async def infer(name: str, request: Request, state: StateDep, version: str | Non
             tensor["data"] = a.ravel().tolist()
         outputs.append(tensor)
     ours, our_version = name_and_version(done.predictor)
-    head = json.dumps({"model_name": ours, "model_version": our_version, "id": str(document.get("id", "")),
+    head = json.dumps({"model_name": ours, "model_version": our_version, "id": str(request_id),
                        "outputs": outputs}).encode()
-    if not blobs:
-        return Response(head, media_type="application/json")
-    return Response(head + b"".join(blobs), media_type="application/octet-stream", headers={HEADER: str(len(head))})
+    return head, blobs

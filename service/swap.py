@@ -94,16 +94,10 @@ async def reload(state: State) -> dict:
         return answer
 
 
-async def load_models_dir(state: State) -> None:
-    """SEGMENT_MODELS_DIR's checkpoints beside the default one, each by its file stem, up to SEGMENT_MAX_MODELS in
-    all; one that cannot be served is listed in GET /models with the reason, and the others serve."""
-    if state.settings.models_dir is not None:
-        await sync_models_dir(state)
-
-
 async def sync_models_dir(state: State) -> dict[str, str]:
-    """SEGMENT_MODELS_DIR against what serves: each name's outcome (loaded, swapped, unchanged, unloaded, failed:
-    why). A file that fails leaves the version serving it (if any) serving."""
+    """SEGMENT_MODELS_DIR against what serves (at start-up: everything it holds, up to SEGMENT_MAX_MODELS; one that
+    cannot be served is listed in GET /models with the reason): each name's outcome (loaded, swapped, unchanged,
+    unloaded, failed: why). A file that fails leaves the version serving it (if any) serving."""
     s, outcome = state.settings, {}
     files = {p.stem: p for p in sorted(s.models_dir.glob("*.safetensors"))}
     for name in [n for n in state.others if n not in files]:

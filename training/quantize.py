@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from models import __version__
-from models.checkpoint import Checkpoint, load_checkpoint
+from models.checkpoint import Checkpoint, file_sha256, load_checkpoint
 from models.export import export_onnx
-from models.precision import PrecisionCard, card_path, int8_path, native_precisions, quantize_int8, sha256_of
+from models.precision import PrecisionCard, card_path, int8_path, native_precisions, quantize_int8
 
 from .data import DataError, SegmentationDataset, collate, open_folder
 from .engine import evaluate
@@ -95,7 +95,7 @@ def quantize(ckpt: Checkpoint, folder, calibration: int, seed: int, split: str, 
         checkpoint_sha256=ckpt.sha256,
         held_out={"split": split, "images": len(held), "fingerprint": names_fingerprint(held)},
         scores=scores,
-        int8={"file": out.name, "sha256": sha256_of(out), "method": METHOD,
+        int8={"file": out.name, "sha256": file_sha256(out), "method": METHOD,
               "calibration": {"from": "train", "images": len(chosen), "seed": seed,
                               "fingerprint": names_fingerprint(chosen)}},
         versions=versions())

@@ -3,8 +3,8 @@
 import json
 import shutil
 
-from models.checkpoint import load_checkpoint
-from models.precision import card_path, int8_path, native_precisions, read_card, sha256_of
+from models.checkpoint import file_sha256, load_checkpoint
+from models.precision import card_path, int8_path, native_precisions, read_card
 from tests.conftest import CAMVID, SHIPPED
 from training.cli import main
 
@@ -14,7 +14,7 @@ def test_quantize_calibrates_on_training_frames_and_scores_each_precision_on_the
     assert main(["quantize", "--data", str(CAMVID), "--checkpoint", str(checkpoint), "--workers", "0"]) == 0
     printed = capsys.readouterr().out
     card = read_card(checkpoint, load_checkpoint(checkpoint).sha256)
-    assert card.int8["file"] == "m.int8.onnx" and card.int8["sha256"] == sha256_of(int8_path(checkpoint))
+    assert card.int8["file"] == "m.int8.onnx" and card.int8["sha256"] == file_sha256(int8_path(checkpoint))
     # the fixture folder: 4 training frames to calibrate on, the 2 of valid.txt held out
     assert card.int8["calibration"]["from"] == "train" and card.int8["calibration"]["images"] == 4
     assert card.held_out["split"] == "valid" and card.held_out["images"] == 2
