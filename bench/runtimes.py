@@ -31,17 +31,10 @@ sys.path.insert(0, str(ROOT))
 from bench.record import cpu_name, parser  # noqa: E402
 from models.checkpoint import load_checkpoint  # noqa: E402
 from models.precision import int8_path, native_precisions  # noqa: E402
-from service.backends import (  # noqa: E402
-    OnnxRuntimeBackend,
-    OpenVinoBackend,
-    Selection,
-    TorchBackend,
-    agreement,
-    cached_onnx,
-    label,
-)
+from service.backends import OnnxRuntimeBackend, OpenVinoBackend, TorchBackend, cached_onnx  # noqa: E402
 from service.decode import decode_upload  # noqa: E402
 from service.predictor import Predictor  # noqa: E402
+from service.selection import Selection, agreement, label  # noqa: E402
 from training.data import open_folder, read_label  # noqa: E402
 from training.metrics import ConfusionMatrix  # noqa: E402
 
@@ -100,6 +93,20 @@ def cold_starts(checkpoint: Path) -> str:
     return "\n".join(rows)
 
 
+def every_backend(path: Path, ckpt) -> list:
+    """torch fp32 first (the reference), torch without channels_last, both ONNX runtimes in fp32, and the reduced
+    precisions this CPU and checkpoint have."""
+    onnx, cache = cached_onnx(ckpt, None)
+    backends = [TorchBackend(ckpt.model, torch.device("cpu"), torch.float32), Contiguous(load_checkpoint(path).model),
+                OnnxRuntimeBackend(onnx, cache), OpenVinoBackend(onnx, cache)]
+    if "bf16" in native_precisions():
+        backends.append(OpenVinoBackend(onnx, cache, precision="bfloat16"))
+    if int8_path(path).is_file():  # the precision card's int8 model (python -m training quantize)
+        backends += [OnnxRuntimeBackend(int8_path(path), cache, precision="int8"),
+                     OpenVinoBackend(int8_path(path), cache, precision="int8")]
+    return backends
+
+
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--split", default="valid")
@@ -108,15 +115,8 @@ def main() -> None:
     ckpt = load_checkpoint(args.checkpoint)
     folder = open_folder(args.data, check=False)
     pairs = folder.pairs(args.split)
-    path, cache = cached_onnx(ckpt, None)
-    torch_fp32 = TorchBackend(ckpt.model, torch.device("cpu"), torch.float32)
-    backends = [torch_fp32, Contiguous(load_checkpoint(args.checkpoint).model), OnnxRuntimeBackend(path, cache),
-                OpenVinoBackend(path, cache)]
-    if "bf16" in native_precisions():
-        backends.append(OpenVinoBackend(path, cache, precision="bfloat16"))
-    if int8_path(args.checkpoint).is_file():  # the precision card's int8 model (python -m training quantize)
-        backends += [OnnxRuntimeBackend(int8_path(args.checkpoint), cache, precision="int8"),
-                     OpenVinoBackend(int8_path(args.checkpoint), cache, precision="int8")]
+    backends = every_backend(args.checkpoint, ckpt)
+    torch_fp32 = backends[0]
     predictor = Predictor(ckpt, Selection(torch_fp32))
     first = predictor.preprocess(decode_upload(pairs[0].image.read_bytes(), 10**9).image)[None]
     reference = torch_fp32(first)

@@ -19,7 +19,7 @@ from models import __version__
 from . import inference_protocol, stream, swap, video
 from .backends import cpu_cores
 from .batcher import Batcher
-from .connections import STATE_KEY, Guard, raise_open_file_limit
+from .connection_guard import STATE_KEY, Guard, raise_open_file_limit
 from .deps import Served, State
 from .errors import install_error_handlers
 from .metrics import SERVING, ObserveRequests, use_json_access_log, use_service_log

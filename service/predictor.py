@@ -15,8 +15,8 @@ from models.checkpoint import Checkpoint, load_checkpoint
 from models.devices import resolve_device
 from models.processing import flip_averaged, logits_to_mask, logits_to_mask_and_confidence, preprocess
 
-from .backends import Selection, select_backend
 from .encode import Prediction
+from .selection import Selection, select_backend
 from .settings import Settings
 
 

@@ -12,7 +12,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 if TYPE_CHECKING:
     import torch
 
-    from .connections import Limits
+    from .connection_guard import Limits
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "camvid.safetensors"
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "camvid-segment"
@@ -125,7 +125,7 @@ class Settings(BaseSettings):
         return self.max_batch_size or (16 if device.type == "cuda" else 1)
 
     def connection_limits(self, open_files: int) -> Limits:
-        from .connections import Limits, default_max_connections
+        from .connection_guard import Limits, default_max_connections
 
         return Limits(self.header_timeout_s, self.max_request_line, self.max_header_fields, self.max_header_bytes,
                       self.max_connections or default_max_connections(open_files))

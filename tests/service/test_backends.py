@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from models.checkpoint import load_checkpoint
-from service import backends
+from service import backends, selection
 from service.app import create_app
 from service.backends import onnx_cache_name
 from service.predictor import Predictor
@@ -64,7 +64,7 @@ def test_streams_overlap_forwards_and_give_the_logits_of_a_lone_forward(checkpoi
         together = list(pool.map(lambda x: p.forward(x, concurrent=2), frames * 2))
     for a, b in zip(alone * 2, together, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
-        assert backends.agreement(a, b) == 1.0
+        assert selection.agreement(a, b) == 1.0
 
 
 def test_the_service_runs_streams_side_by_side_under_load(checkpoint, tmp_path):  # noqa: F811
@@ -140,7 +140,7 @@ def test_a_missing_runtime_or_a_parity_miss_falls_back_to_torch_and_says_so(chec
         assert info["backend"] == "torch"
         assert "openvino not used (ModuleNotFoundError" in info["backend_notes"][0]
         assert served_mask(client, FRAMES[0].read_bytes())[1]["model"]["backend"] == "torch"
-    monkeypatch.setattr(backends, "PARITY", 1.01)  # no runtime can agree with torch on more than every pixel
+    monkeypatch.setattr(selection, "PARITY", 1.01)  # no runtime can agree with torch on more than every pixel
     p = Predictor.load(checkpoint, "cpu", backend="auto", cache_dir=tmp_path)
     assert p.backend.name == "torch"
     assert any("onnxruntime not used (ParityError: its masks agree with torch on" in n for n in p.backend_notes)

@@ -125,7 +125,7 @@ def test_heads_must_arrive_in_time_and_busy_connections_are_never_closed_for_roo
 
 
 def test_a_flood_of_silent_and_slow_connections_leaves_room_for_real_requests(checkpoint):  # noqa: F811
-    # issue 23's flood scaled to the test machine: 256 open files (128 connections) against 100 silent and 100
+    # bench/flood.py's flood scaled to the test machine: 256 open files (128 connections) against 100 silent and 100
     # slow-header connections that reconnect once closed; bench/flood.py runs the full 1,024 / 600 + 600 / 45 s
     raise_own_limit()
     proc, base, env = start_service(

@@ -1,5 +1,6 @@
 """A new model without a restart (service/swap.py): swapped under load, no request lost, bad files refused."""
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -22,6 +23,29 @@ def another_model(source, path):
     return save_checkpoint(path, UNet(meta.model), meta)
 
 
+@contextlib.contextmanager
+def under_load(base, key, clients=8):
+    """`clients` threads posting IMAGE to /segment back to back while the block runs; yields their answers as
+    (status, model sha256), in the order they came."""
+    answers, stop = [], threading.Event()
+
+    def client():
+        with httpx.Client(headers={"X-API-Key": key}, timeout=30) as c:
+            while not stop.is_set():
+                r = c.post(f"{base}/segment", files={"image": ("x.png", IMAGE.read_bytes())})
+                answers.append((r.status_code, r.json().get("model", {}).get("sha256")))
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    try:
+        yield answers
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+
+
 def test_a_reload_swaps_the_model_under_load_without_losing_a_request(checkpoint, tmp_path):  # noqa: F811
     serving = shutil.copy(checkpoint, tmp_path / "model.safetensors")
     old, new = load_checkpoint(serving).sha256, load_checkpoint(another_model(checkpoint, tmp_path / "b.safetensors")
@@ -30,39 +54,25 @@ def test_a_reload_swaps_the_model_under_load_without_losing_a_request(checkpoint
                                    "SEGMENT_BACKEND": "torch", "SEGMENT_WARMUP_PASSES": "1",
                                    "SEGMENT_ADMIN_KEYS": "admin-key", "SEGMENT_API_KEYS": "client-key",
                                    "SEGMENT_LOG_LEVEL": "warning"}, stderr=subprocess.PIPE, text=True)
-    answers, stop, data = [], threading.Event(), IMAGE.read_bytes()
-
-    def client():
-        with httpx.Client(headers={"X-API-Key": "client-key"}, timeout=30) as c:
-            while not stop.is_set():
-                r = c.post(f"{base}/segment", files={"image": ("x.png", data)})
-                answers.append((r.status_code, r.json().get("model", {}).get("sha256")))
-
-    threads = [threading.Thread(target=client) for _ in range(8)]
     admin = {"X-API-Key": "admin-key"}
     try:
-        for t in threads:
-            t.start()
-        time.sleep(10)  # issue 25: 30 s of load at concurrency 8 around the swap
-        # the client key is not an admin key; the same file again changes nothing
-        assert httpx.post(f"{base}/models/reload", headers={"X-API-Key": "client-key"}).status_code == 401
-        assert httpx.post(f"{base}/models/reload", headers=admin, timeout=60).json() == {"changed": False,
-                                                                                       "sha256": old}
-        os.replace(tmp_path / "b.safetensors", serving)  # the operator's atomic rename
-        swapped = httpx.post(f"{base}/models/reload", headers=admin, timeout=60).json()
-        assert swapped["changed"] and (swapped["previous"], swapped["sha256"]) == (old, new)
-        time.sleep(10)
-        # a file that cannot be served is refused, and the model serving keeps serving
-        serving.write_bytes(b"not a checkpoint")
-        refused = httpx.post(f"{base}/models/reload", headers=admin, timeout=60)
-        assert refused.status_code == 422 and refused.json()["code"] == "bad_checkpoint"
-        time.sleep(8)
-        stop.set()
-        for t in threads:
-            t.join(30)
+        with under_load(base, "client-key") as answers:
+            time.sleep(10)  # ~30 s of load at concurrency 8 around the swap
+            # the client key is not an admin key; the same file again changes nothing
+            assert httpx.post(f"{base}/models/reload", headers={"X-API-Key": "client-key"}).status_code == 401
+            assert httpx.post(f"{base}/models/reload", headers=admin, timeout=60).json() == {"changed": False,
+                                                                                           "sha256": old}
+            os.replace(tmp_path / "b.safetensors", serving)  # the operator's atomic rename
+            swapped = httpx.post(f"{base}/models/reload", headers=admin, timeout=60).json()
+            assert swapped["changed"] and (swapped["previous"], swapped["sha256"]) == (old, new)
+            time.sleep(10)
+            # a file that cannot be served is refused, and the model serving keeps serving
+            serving.write_bytes(b"not a checkpoint")
+            refused = httpx.post(f"{base}/models/reload", headers=admin, timeout=60)
+            assert refused.status_code == 422 and refused.json()["code"] == "bad_checkpoint"
+            time.sleep(8)
         assert httpx.get(f"{base}/model").json()["sha256"] == new
     finally:
-        stop.set()
         proc.terminate()
         proc.wait(30)
     assert answers and all(status == 200 for status, _ in answers), {s for s, _ in answers}
