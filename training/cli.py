@@ -217,7 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    for ours in ("training", "models"):  # this project's INFO lines; libraries' (the ONNX exporter's) stay quiet
+        logging.getLogger(ours).setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
