@@ -17,6 +17,7 @@ import asyncio
 import logging
 import os
 import re
+import uuid
 from pathlib import Path
 from typing import Annotated
 
@@ -162,7 +163,9 @@ async def put_route(name: str, request: Request, state: ReadyDep):
     if not NAME.fullmatch(name) or name == s.checkpoint.stem:
         raise UploadError(422, "bad_model_name", "a model name is 1-128 letters, digits, '.', '_' or '-', and not "
                           "the default model's (replace that file and POST /models/reload)")
-    upload = s.models_dir / f".{name}.upload-{os.getpid()}.part"  # not *.safetensors: a reload never sees it
+    # not *.safetensors: a reload never sees it; a random part: replicas sharing the folder (each often pid 1 in
+    # its container) never write the same file
+    upload = s.models_dir / f".{name}.upload-{uuid.uuid4().hex}.part"
     try:
         with upload.open("wb") as f:
             await read_body(request, s.max_model_bytes, s.body_timeout_s * 10, f.write)

@@ -38,10 +38,19 @@ FLAVOURS = {p.stem: dict(line.split("=", 1) for line in p.read_text().splitlines
 
 
 @cache
-def rendered(path: str) -> tuple[dict, ...]:
+def rendered(path: str | Path) -> tuple[dict, ...]:
     done = subprocess.run([KUBECTL, "kustomize", str(K8S / path)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     return tuple(d for d in yaml.safe_load_all(done.stdout) if d)
+
+
+def with_component(folder: Path, overlay: str, component: str) -> tuple[dict, ...]:
+    """An overlay with a component added, as an operator adds one: a kustomization naming both, in `folder`."""
+    up = os.path.relpath(K8S, folder)
+    (folder / "kustomization.yaml").write_text(yaml.safe_dump({
+        "namespace": "camvid-segment", "resources": [f"{up}/overlays/{overlay}"],
+        "components": [f"{up}/components/{component}"]}))
+    return rendered(folder)
 
 
 def one(objects, kind: str) -> dict:
@@ -79,10 +88,11 @@ def test_rendered_manifests_validate_against_the_kubernetes_schemas(path):
 
 @needs_kubectl
 @pytest.mark.skipif(CHECKOV is None, reason="checkov is not installed (`make test` installs it into .tools/)")
-@pytest.mark.parametrize("path", [f"overlays/{o}" for o in OVERLAYS] + ["train"])
+@pytest.mark.parametrize("path", [f"overlays/{o}" for o in OVERLAYS] + ["train", "cpu + components/models"])
 def test_checkov_finds_nothing_unjustified(path, tmp_path):
     manifest = tmp_path / "rendered.yaml"
-    manifest.write_text(yaml.safe_dump_all(rendered(path)))
+    objects = with_component(tmp_path, "cpu", "models") if "components" in path else rendered(path)
+    manifest.write_text(yaml.safe_dump_all(objects))
     done = subprocess.run([CHECKOV, "-f", str(manifest), "--framework", "kubernetes", "--output", "json",
                            "--skip-download"], capture_output=True, text=True, env={**os.environ, "LOG_LEVEL": "ERROR"})
     report = json.loads(done.stdout)
@@ -138,6 +148,31 @@ def test_probes_port_settings_and_grace_agree_with_the_service(overlay, monkeypa
                  "Deployment": one(objects, "Deployment")["spec"]["selector"]["matchLabels"]}
     for kind, selector in selectors.items():
         assert selector.items() <= labels.items(), kind
+
+
+@needs_kubectl
+def test_the_models_component_gives_every_replica_one_watched_models_folder(tmp_path, monkeypatch):
+    import kubernetes_validate
+
+    objects = with_component(tmp_path, "cpu", "models")
+    for obj in objects:
+        kubernetes_validate.validate(obj, KUBERNETES, strict=True)
+    # the overlay's objects, plus the claim
+    assert sorted(o["kind"] for o in objects) == sorted([o["kind"] for o in rendered("overlays/cpu")] +
+                                                        ["PersistentVolumeClaim"])
+    c, pod = container(objects), one(objects, "Deployment")["spec"]["template"]["spec"]
+    for k, v in config(objects).items():
+        monkeypatch.setenv(k, v)
+    settings = Settings()
+    assert settings.models_dir is not None and settings.models_watch_s > 0  # every replica sees a change
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    claim = {v["name"]: v for v in pod["volumes"]}[mounts[str(settings.models_dir)]]["persistentVolumeClaim"]
+    pvc = one(objects, "PersistentVolumeClaim")
+    assert pvc["metadata"]["name"] == claim["claimName"] and pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert pvc["metadata"]["namespace"] == one(objects, "Deployment")["metadata"]["namespace"]
+    # admin keys from their own optional Secret, under the name Settings reads
+    admin = next(e for e in c["env"] if e["name"] == "SEGMENT_ADMIN_KEYS")["valueFrom"]["secretKeyRef"]
+    assert admin["optional"] and admin["name"] != "camvid-segment-keys" and "admin_keys" in Settings.model_fields
 
 
 @needs_kubectl
