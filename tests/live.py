@@ -20,7 +20,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_service(settings: dict[str, str], timeout: float = 60, uvicorn_cli: bool = False, http: str = "",
+def start_service(settings: dict[str, str], timeout: float = 180, uvicorn_cli: bool = False, http: str = "",
                   **popen) -> tuple[subprocess.Popen, str, dict]:
     """Returns (process, base URL, its environment) once GET /ready answers 200; the caller stops it. The server is
     `python -m service`, or with `uvicorn_cli` README's `uvicorn --factory service.app:create_app` (with
