@@ -16,8 +16,8 @@ file descriptors and every real request fails. These protocol classes do what ng
 
 Every such closing is counted in /metrics (`segment_connections_closed_total{reason}`) and summed in one log line
 at most once a second. `python -m service` uses `Protocol`; under uvicorn's own command line pass
-`--http service.connections:Protocol`. The server-wide
-book of open connections (which to close for room) is `connection_guard.Guard`.
+`--http service.connections:Protocol`. The server-wide book of open connections (which to close for room) is
+`connection_guard.Guard`; this module is one connection's side.
 """
 
 from __future__ import annotations
