@@ -57,7 +57,8 @@ def select_backend(checkpoint: Checkpoint, device: torch.device, dtype: torch.dt
         return Selection(torch_backend, [note])
     runtimes = RUNTIMES if choice == "auto" else tuple(r for r in RUNTIMES if r == choice)
     candidates, precision_notes = reduced_candidates(checkpoint, precision, runtimes)
-    full, reduced, notes = _passed(checkpoint, torch_backend, runtimes, candidates, cache_dir,
+    x = warmup_input(checkpoint)
+    full, reduced, notes = _passed(checkpoint, torch_backend, x, runtimes, candidates, cache_dir,
                                    streams or auto_streams(cpu_cores()))
     notes += precision_notes  # runtimes first, then precisions, the card, and the timing last
     for note in notes:
@@ -73,15 +74,15 @@ def select_backend(checkpoint: Checkpoint, device: torch.device, dtype: torch.dt
         if pool[-1] is torch_backend and choice != "torch":
             notes.append(f"serving with torch ({choice if choice != 'auto' else 'no other runtime'} not usable)")
         return Selection(pool[-1], notes)
-    return _fastest(pool, warmup_input(checkpoint), notes)
+    return _fastest(pool, x, notes)
 
 
-def _passed(checkpoint: Checkpoint, torch_backend: TorchBackend, runtimes: tuple[str, ...],
+def _passed(checkpoint: Checkpoint, torch_backend: TorchBackend, x: torch.Tensor, runtimes: tuple[str, ...],
             candidates: list[Candidate], cache_dir: Path | None, streams: int
             ) -> tuple[list[Backend], list[Backend], list[str]]:
-    """Builds every runtime at fp32 and every reduced candidate, and checks each against torch fp32; returns the
-    fp32 backends and the reduced ones that passed, and a note for each that did not."""
-    x = warmup_input(checkpoint)
+    """Builds every runtime at fp32 and every reduced candidate, and checks each against torch fp32 (fp32 ones on
+    the warm-up picture `x`); returns the fp32 backends and the reduced ones that passed, and a note for each that
+    did not."""
     checks = {"float32": (x, torch_backend(x), PARITY, "warm-up pixels")}
     if candidates:
         photo = sanity_input(checkpoint)
