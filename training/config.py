@@ -40,6 +40,14 @@ class TrainConfig:
     class_weights: str = option("none", "median-freq: SegNet's median-frequency class weights",
                                 choices=["none", "median-freq"])
     dice: float = option(0.0, "add W x soft Dice to cross-entropy: raises thin classes' IoU (try 1.0)", metavar="W")
+    lovasz: float = option(0.0, "add W x Lovász-softmax, a surrogate of each class's IoU (Berman et al. 2018)",
+                           metavar="W")
+    teacher: Path | None = option(None, "distil from this trained checkpoint (same classes; any encoder): its "
+                                  "predictions on each training batch are a second target", metavar="CHECKPOINT")
+    distill: float = option(1.0, "weight of the distillation term (with --teacher)", metavar="W")
+    distill_temperature: float = option(1.0, "softmax temperature of the distillation term", metavar="T")
+    teacher_tta: str = option("flip", "the teacher's test-time augmentation (flip: it averages each batch and its "
+                              "mirror image, two forwards)", choices=["none", "flip"])
     scale: tuple[float, float] = option((0.75, 1.25), "random scale of the training images before cropping (0.5 2.0: "
                                         "stronger, for other drives and distances)", nargs=2, metavar=("MIN", "MAX"))
     lighting: float = option(0.2, "brightness and contrast jitter (± this share)")

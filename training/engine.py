@@ -96,9 +96,11 @@ def _mean_over_processes(total: float, count: int, device: torch.device) -> floa
 
 
 def train_one_epoch(model: nn.Module, loader, loss_fn, optimizer, scheduler, device: torch.device, amp: Amp,
-                    desc: str = "train", show: bool = True, ema=None, step: int = 0) -> float:
+                    desc: str = "train", show: bool = True, ema=None, step: int = 0, teacher: nn.Module | None = None
+                    ) -> float:
     """One pass over `loader`; `ema` (timm's ModelEmaV3), if given, follows every optimizer step (`step`: the run's
-    steps before this epoch, for its warm-up)."""
+    steps before this epoch, for its warm-up); `teacher`, if given, predicts each batch too and `loss_fn` gets its
+    logits as a third argument."""
     model.train()
     total, count = 0.0, 0
     bar = tqdm(loader, desc=desc, leave=False, disable=not show, dynamic_ncols=True)
@@ -108,7 +110,12 @@ def train_one_epoch(model: nn.Module, loader, loss_fn, optimizer, scheduler, dev
         if device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
         with amp.autocast():
-            loss = loss_fn(model(images), masks)
+            if teacher is None:
+                loss = loss_fn(model(images), masks)
+            else:
+                with torch.no_grad():
+                    soft = teacher(images)
+                loss = loss_fn(model(images), masks, soft)
         if not torch.isfinite(loss):
             raise DivergedError(f"loss became {loss.item()}; lower --lr (try lr-find)")
         amp.step(loss, optimizer)

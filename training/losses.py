@@ -1,8 +1,11 @@
-"""Segmentation losses: cross-entropy, optionally plus a soft Dice term.
+"""Segmentation losses: cross-entropy, optionally plus a soft Dice term, a Lovász-softmax term and a distillation
+term.
 
 Cross-entropy optimises per-pixel accuracy, so thin, rare classes (poles, signs, cyclists) are cheap to
 get wrong. Soft Dice scores each class by its overlap, whatever its size, which is what mean IoU rewards;
-the sum of the two keeps CE's stable gradients and Dice's care for small classes.
+the sum of the two keeps CE's stable gradients and Dice's care for small classes. Lovász-softmax (Berman et al.,
+CVPR 2018) is a convex surrogate of each class's IoU itself; distillation pulls the network towards a teacher's
+softened predictions (Hinton et al., 2015), on every pixel, Void ones included.
 """
 
 from __future__ import annotations
@@ -15,39 +18,98 @@ from models.errors import ConfigError
 
 
 class SegmentationLoss(nn.Module):
-    """`CE(weight, ignore_index) + dice * (1 - mean soft Dice)`.
+    """`CE(weight, ignore_index) + dice * (1 - mean soft Dice) + lovasz * Lovász-softmax
+    + distill * T² * KL(teacher_T ‖ student_T)`.
 
-    The Dice term is computed over the whole batch per class (smp's multiclass DiceLoss), skips pixels
-    labelled `ignore_index`, and averages only over classes present in the batch's labels, so a batch
-    without any pedestrian neither rewards nor punishes the pedestrian channel.
+    The Dice and Lovász terms are computed over the whole batch per class (as mean IoU counts a split's pixels
+    together), skip pixels labelled `ignore_index`, and average only over classes present in the batch's labels, so
+    a batch without any pedestrian neither rewards nor punishes the pedestrian channel.
     """
 
     def __init__(self, num_classes: int, ignore_index: int, weight: torch.Tensor | None = None,
-                 dice: float = 0.0, eps: float = 1.0):
+                 dice: float = 0.0, eps: float = 1.0, lovasz: float = 0.0, distill: float = 0.0,
+                 temperature: float = 1.0):
         super().__init__()
-        if dice < 0:
-            raise ConfigError(f"dice weight must be >= 0, got {dice}")
+        for name, value in (("dice", dice), ("lovasz", lovasz), ("distill", distill)):
+            if value < 0:
+                raise ConfigError(f"{name} weight must be >= 0, got {value}")
+        if temperature <= 0:
+            raise ConfigError(f"distillation temperature must be > 0, got {temperature}")
         self.num_classes, self.ignore_index, self.dice, self.eps = num_classes, ignore_index, dice, eps
+        self.lovasz, self.distill, self.temperature = lovasz, distill, temperature
         self.ce = nn.CrossEntropyLoss(weight=weight, ignore_index=ignore_index)
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, target: torch.Tensor,
+                teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
         loss = self.ce(logits, target)
         if self.dice:
             loss = loss + self.dice * self.dice_loss(logits, target)
+        if self.lovasz:
+            loss = loss + self.lovasz * self.lovasz_loss(logits, target)
+        if self.distill and teacher_logits is not None:
+            loss = loss + self.distill * self.distill_loss(logits, teacher_logits)
         return loss
 
-    def dice_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def _present(self, onehot: torch.Tensor) -> torch.Tensor:
+        """(C,) bool: classes with a labelled pixel in the batch, the ignored class never."""
+        present = onehot.sum((0, 2, 3)) > 0
+        if 0 <= self.ignore_index < self.num_classes:
+            present[self.ignore_index] = False
+        return present
+
+    def _onehot(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         valid = target != self.ignore_index
-        probs = logits.float().softmax(1) * valid[:, None]
         onehot = F.one_hot(torch.where(valid, target, 0), self.num_classes).permute(0, 3, 1, 2).float()
-        onehot = onehot * valid[:, None]
+        return onehot * valid[:, None], valid
+
+    def dice_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        onehot, valid = self._onehot(target)
+        probs = logits.float().softmax(1) * valid[:, None]
         dims = (0, 2, 3)
         intersection = (probs * onehot).sum(dims)
         cardinality = probs.sum(dims) + onehot.sum(dims)
         score = (2 * intersection + self.eps) / (cardinality + self.eps)
-        present = onehot.sum(dims) > 0
-        if 0 <= self.ignore_index < self.num_classes:
-            present[self.ignore_index] = False
+        present = self._present(onehot)
         if not present.any():
             return logits.sum() * 0.0
         return 1 - score[present].mean()
+
+    def lovasz_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Lovász-softmax over the batch's labelled pixels: per present class, the Lovász extension of the Jaccard
+        loss evaluated at the errors |onehot - p|, sorted in decreasing order. In training it reads every second row
+        and column from a random start (a quarter of the pixels, every pixel in turn): the sort is its cost, 2 s a
+        batch of 8 at 320x448 on 2 CPU cores in full."""
+        if self.training:
+            dy, dx = torch.randint(0, 2, (2,)).tolist()
+            logits, target = logits[..., dy::2, dx::2], target[..., dy::2, dx::2]
+        onehot, valid = self._onehot(target)
+        present = self._present(onehot)
+        if not present.any():
+            return logits.sum() * 0.0
+        keep = valid.reshape(-1)
+        probs = logits.float().softmax(1).permute(1, 0, 2, 3).reshape(self.num_classes, -1)[:, keep]
+        truth = onehot.permute(1, 0, 2, 3).reshape(self.num_classes, -1)[:, keep]
+        probs, truth = probs[present], truth[present]
+        errors, order = (truth - probs).abs().sort(1, descending=True)
+        truth = truth.gather(1, order)
+        return (errors * lovasz_grad(truth)).sum(1).mean()
+
+    def distill_loss(self, logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        """T² · KL(softmax(teacher / T) ‖ softmax(student / T)), averaged over every pixel (T² keeps the gradient's
+        size independent of T, as Hinton et al. do)."""
+        t = self.temperature
+        student = F.log_softmax(logits.float() / t, 1)
+        teacher = F.log_softmax(teacher_logits.float() / t, 1)
+        kl = (teacher.exp() * (teacher - student)).sum(1)
+        return kl.mean() * t * t
+
+
+def lovasz_grad(truth_sorted: torch.Tensor) -> torch.Tensor:
+    """Gradient of the Lovász extension of the Jaccard loss, per row: truth_sorted (K, N) holds 0/1 in the order of
+    decreasing error (Berman et al., Algorithm 1)."""
+    gts = truth_sorted.sum(1, keepdim=True)
+    intersection = gts - truth_sorted.cumsum(1)
+    union = gts + (1 - truth_sorted).cumsum(1)
+    jaccard = 1 - intersection / union
+    jaccard[:, 1:] = jaccard[:, 1:] - jaccard[:, :-1]
+    return jaccard

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from models.checkpoint import load_checkpoint
 from models.encoders import check_encoder_name, normalization
 from models.errors import ConfigError
+from models.processing import flip_averaged
 from models.unet import UNet, UNetConfig, build_unet
 
 from .config import TrainConfig
@@ -94,6 +95,38 @@ def build_ema(config: TrainConfig, model: UNet, run: RunState) -> ModelEmaV3 | N
     return ema
 
 
+class Teacher(nn.Module):
+    """--teacher: a trained checkpoint, frozen, in eval mode, that predicts each training batch (under flip
+    averaging with --teacher-tta flip). Batches are normalised for the student; they are re-normalised for a teacher
+    whose encoder expects another mean and std."""
+
+    def __init__(self, path: Path, classes, mean, std, tta: str, device: torch.device):
+        super().__init__()
+        source = load_checkpoint(path)
+        if list(source.meta.classes.names) != list(classes.names):
+            raise ConfigError(f"{path}: --teacher has classes {list(source.meta.classes.names)}, the data has "
+                              f"{list(classes.names)}; a teacher needs the same class list in the same order")
+        self.model = source.model.to(device).eval().requires_grad_(False)
+        as_column = lambda v: torch.tensor(v, dtype=torch.float32, device=device)[:, None, None]  # noqa: E731
+        self.scale = as_column(std) / as_column(source.meta.std)
+        self.shift = (as_column(mean) - as_column(source.meta.mean)) / as_column(source.meta.std)
+        self.tta = tta
+
+    def train(self, mode: bool = True) -> Teacher:
+        return super().train(False)  # BatchNorm keeps the teacher's statistics
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * self.scale + self.shift
+        return flip_averaged(self.model, x) if self.tta == "flip" else self.model(x)
+
+
+def build_teacher(config: TrainConfig, classes, device: torch.device) -> Teacher | None:
+    if config.teacher is None:
+        return None
+    mean, std = normalization(config.encoder)
+    return Teacher(Path(config.teacher), classes, mean, std, config.teacher_tta, device)
+
+
 def augmentation_focus(config: TrainConfig, classes) -> tuple[int, ...]:
     """Checks the augmentation options (a bad value would otherwise fail mid-epoch, inside a loader worker) and returns
     the indices of the --focus-classes."""
@@ -137,7 +170,8 @@ def _optimizer(model: UNet, config: TrainConfig, steps: int, epochs: int):
 
 
 def run_phase(phase: Phase, config: TrainConfig, folder: CamVidFolder, model: UNet, run: RunState, loss_fn,
-              d: Dist, device: torch.device, amp: Amp, writer: RunWriter | None, ema=None) -> None:
+              d: Dist, device: torch.device, amp: Amp, writer: RunWriter | None, ema=None,
+              teacher: Teacher | None = None) -> None:
     """The epochs of `phase` not done yet: train, validate, record (and write, on rank 0)."""
     mean, std = normalization(config.encoder)
     set_encoder_frozen(model, phase.frozen)
@@ -156,7 +190,8 @@ def run_phase(phase: Phase, config: TrainConfig, folder: CamVidFolder, model: UN
         train_ds.epoch = epoch
         sampler.set_epoch(epoch)
         train_loss = train_one_epoch(net, train_dl, loss_fn, optimizer, scheduler, device, amp,
-                                     epoch_tag(epoch, config, phase), show, ema, epoch * len(train_dl))
+                                     epoch_tag(epoch, config, phase), show, ema, epoch * len(train_dl),
+                                     teacher)
         if d.world > 1:  # BatchNorm statistics drift apart per process; validate with the ones rank 0 saves
             for buffer in model.buffers():
                 torch.distributed.broadcast(buffer, 0)
@@ -193,12 +228,15 @@ def fit(config: TrainConfig) -> dict:
     model = build_model(config, net_config, folder, run, device)
     ema = build_ema(config, model, run)  # a bad decay fails before anything is written
     weight = folder.class_weights().to(device) if config.class_weights == "median-freq" else None
-    loss_fn = SegmentationLoss(folder.classes.num_classes, folder.classes.ignore_index, weight, config.dice)
+    teacher = build_teacher(config, folder.classes, device)  # a wrong teacher fails before anything is written
+    loss_fn = SegmentationLoss(folder.classes.num_classes, folder.classes.ignore_index, weight, config.dice,
+                               lovasz=config.lovasz, distill=config.distill if teacher else 0.0,
+                               temperature=config.distill_temperature)
     writer = RunWriter(run_dir, config, folder, fingerprint, net_config, run) if d.main else None
     if d.main and run.epochs_done:
         log.info("resuming %s at epoch %d/%d with its saved settings", run_dir, run.epochs_done + 1, config.epochs)
     amp = Amp.for_device(device)
     for phase in phases:
         if run.epochs_done < phase.start + phase.epochs:
-            run_phase(phase, config, folder, model, run, loss_fn, d, device, amp, writer, ema)
+            run_phase(phase, config, folder, model, run, loss_fn, d, device, amp, writer, ema, teacher)
     return run.best_metrics
