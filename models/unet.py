@@ -78,15 +78,22 @@ class UNet(nn.Module):
         self.head = nn.Conv2d(config.decoder_channels[-1], config.num_classes, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]  # x: (B, 3, H, W), normalised
+        """(B, 3, H, W) normalised → (B, num_classes, H, W) logits. A size that is not a multiple of the stride (32)
+        is resized up to the next multiples and the logits back: padding showed the network a border it never saw in
+        training, and cost 0.019 mIoU at CamVid's 360x480 (360 = 11.25 x 32; models/README.md)."""
+        h, w = x.shape[-2:]
         ph, pw = -h % self.stride, -w % self.stride
-        if ph or pw:
-            x = F.pad(x, (0, pw, 0, ph), mode="replicate")  # (B, 3, H', W'), multiples of the stride
-        features = self.encoder(x)  # [(B, C1, H'/2, W'/2), ..., (B, C5, H'/32, W'/32)]
+        if not (ph or pw):
+            return self._forward(x)
+        x = F.interpolate(x, size=(h + ph, w + pw), mode="bilinear", align_corners=False)  # (B, 3, H', W')
+        return F.interpolate(self._forward(x), size=(h, w), mode="bilinear", align_corners=False)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.encoder(x)  # [(B, C1, H/2, W/2), ..., (B, C5, H/32, W/32)]
         y = features[-1]
         for block, skip in zip(self.decoder, [*features[-2::-1], None], strict=True):
-            y = block(y, skip)  # doubles the resolution each step, up to (B, 16, H', W')
-        return self.head(y)[..., :h, :w]  # (B, num_classes, H, W)
+            y = block(y, skip)  # doubles the resolution each step, up to (B, 16, H, W)
+        return self.head(y)  # (B, num_classes, H, W)
 
     def encoder_parameters(self) -> list[nn.Parameter]:
         return list(self.encoder.parameters())

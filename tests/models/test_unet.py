@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from models.processing import logits_to_mask
 from models.unet import UNet, UNetConfig
@@ -11,6 +12,17 @@ def test_output_has_the_input_size_for_odd_sizes(encoder):
     with torch.no_grad():
         for h, w in [(37, 61), (33, 32), (72, 96), (1, 1)]:
             assert model(torch.randn(1, 3, h, w)).shape == (1, 12, h, w)
+
+
+def test_a_size_off_the_stride_is_predicted_at_the_next_multiples_and_resized_back():
+    # 360x480 (CamVid's frames) is not a multiple of 32: the network sees the frame at 384x480, never a padded border
+    torch.manual_seed(0)
+    model = UNet(UNetConfig("tf_efficientnet_lite0", num_classes=12, decoder_channels=(32, 16, 16, 8, 8))).eval()
+    x = torch.randn(1, 3, 45, 60)
+    with torch.no_grad():
+        at_multiples = model(F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False))
+        expected = F.interpolate(at_multiples, size=(45, 60), mode="bilinear", align_corners=False)
+        assert torch.allclose(model(x), expected, atol=1e-5)
 
 
 def test_decoder_is_lean_compared_with_fastai_dynamic_unet():
