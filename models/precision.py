@@ -112,6 +112,22 @@ def read_card(checkpoint: Path, sha256: str) -> PrecisionCard:
 
 
 @functools.cache
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags (/proc/cpuinfo; empty where there is none)."""
+    try:
+        return frozenset(next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                               if line.startswith("flags")), []))
+    except OSError:
+        return frozenset()
+
+
+def cpu_runs_bf16() -> bool:
+    """bf16 arithmetic in hardware (AVX-512 BF16 or AMX), read from the CPU's flags. Training asks this rather than
+    OpenVINO: OpenVINO aborts in a process with TCMalloc preloaded, which docs/training.md recommends there."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+@functools.cache
 def native_precisions() -> frozenset[str]:
     """Reduced precisions this CPU runs in hardware: bf16 when OpenVINO lists BF16 among the CPU's capabilities
     (AVX-512 BF16 or AMX; never emulated), int8 when the CPU has VNNI or AMX-INT8 (without them int8 convolutions
@@ -124,12 +140,7 @@ def native_precisions() -> frozenset[str]:
             found.add("bf16")
     except Exception:  # OpenVINO missing or unable to query the CPU: no bf16
         pass
-    try:
-        flags = set(next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                          if line.startswith("flags")), []))
-    except OSError:
-        flags = set()
-    if flags & {"avx512_vnni", "avx_vnni", "amx_int8"}:
+    if cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"}:
         found.add("int8")
     return frozenset(found)
 

@@ -114,6 +114,7 @@ def cmd_lr_find(a: argparse.Namespace) -> None:
     mean, std = normalization(a.encoder)
     size = _size(a.size) or tuple(reversed(image_size(folder.pairs("train")[0].image)))
     model = build_unet(UNetConfig(a.encoder, folder.classes.num_classes), a.encoder_weights).to(device)
+    model = model.to(memory_format=torch.channels_last)
     set_encoder_frozen(model, a.encoder_weights != "none")
     ds = SegmentationDataset(folder.pairs("train"), train_transforms(size, mean, std, folder.classes.ignore_index),
                              a.seed)
@@ -121,7 +122,7 @@ def cmd_lr_find(a: argparse.Namespace) -> None:
                                          collate_fn=collate, drop_last=len(ds) > a.bs)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-7)
     loss_fn = torch.nn.CrossEntropyLoss(ignore_index=folder.classes.ignore_index)
-    lrs, losses, suggestion = lr_find(model, loader, loss_fn, optimizer, device, Amp.for_device(device),
+    lrs, losses, suggestion = lr_find(model, loader, loss_fn, optimizer, device, Amp.for_device(device, a.precision),
                                       num_iter=a.iters)
     plot_lr_find(lrs, losses, suggestion, a.plot)
     print(f"suggested lr: {suggestion:.2e} (steepest descent; plot: {a.plot})")
@@ -202,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=4)
 
     lf = sub.add_parser("lr-find", help="LR range test: writes a plot, prints a suggestion")
-    add_options(lf, ["data", "device", "workers", "bs", "encoder", "encoder_weights", "size", "seed"])
+    add_options(lf, ["data", "device", "precision", "workers", "bs", "encoder", "encoder_weights", "size", "seed"])
     lf.add_argument("--iters", type=int, default=100)
     lf.add_argument("--plot", type=Path, default=Path("lr_find.png"))
     lf.set_defaults(func=cmd_lr_find)

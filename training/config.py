@@ -69,8 +69,11 @@ class TrainConfig:
                                 "then not held out")
     init: Path | None = option(None, "start from a trained checkpoint's weights (fine-tuning; same encoder, decoder, "
                                "classes); no frozen phase unless --freeze-epochs says so", metavar="CHECKPOINT")
-    device: str = option("auto", "auto: CUDA when present (AMP bf16/fp16, channels_last), else the CPU",
-                         choices=["auto", "cpu", "cuda"])
+    device: str = option("auto", "auto: CUDA when present, else the CPU", choices=["auto", "cpu", "cuda"])
+    precision: str = option("auto", "auto: mixed precision where the hardware has it (bf16 autocast on GPUs with bf16 "
+                            "and on CPUs with AVX-512 BF16 or AMX, fp16 with loss scaling on older GPUs), else fp32; "
+                            "bf16: force it (emulated, so slower, on other CPUs); fp32: never. Validation on the CPU "
+                            "is always fp32, as served", choices=["auto", "bf16", "fp32"])
     workers: int = option(2, "DataLoader worker processes")
     seed: int = option(0, "seeds the weights, the augmentation and the order: a CPU run is repeatable")
     run_dir: Path | None = option(None, "logs, last checkpoint, resume state (default runs/<out stem>)")

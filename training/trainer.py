@@ -78,8 +78,7 @@ def build_model(config: TrainConfig, net_config: UNetConfig, folder: CamVidFolde
         model.load_state_dict(run.tensors["model"])
     elif config.init:
         init_from(model, net_config, folder.classes, Path(config.init))
-    model = model.to(device)
-    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+    return model.to(device).to(memory_format=torch.channels_last)
 
 
 def build_ema(config: TrainConfig, model: UNet, run: RunState) -> ModelEmaV3 | None:
@@ -106,7 +105,7 @@ class Teacher(nn.Module):
         if list(source.meta.classes.names) != list(classes.names):
             raise ConfigError(f"{path}: --teacher has classes {list(source.meta.classes.names)}, the data has "
                               f"{list(classes.names)}; a teacher needs the same class list in the same order")
-        self.model = source.model.to(device).eval().requires_grad_(False)
+        self.model = source.model.to(device).to(memory_format=torch.channels_last).eval().requires_grad_(False)
         as_column = lambda v: torch.tensor(v, dtype=torch.float32, device=device)[:, None, None]  # noqa: E731
         self.scale = as_column(std) / as_column(source.meta.std)
         self.shift = (as_column(mean) - as_column(source.meta.mean)) / as_column(source.meta.std)
@@ -197,7 +196,7 @@ def run_phase(phase: Phase, config: TrainConfig, folder: CamVidFolder, model: UN
                 torch.distributed.broadcast(buffer, 0)
         c = folder.classes
         scores = [evaluate(m, valid_dl, c.num_classes, c.ignore_index, c.void_index, device, list(c.names), "valid",
-                           show, amp) for m in ([model] if ema is None else [ema.module, model])]
+                           show, Amp.for_scoring(device)) for m in ([model] if ema is None else [ema.module, model])]
         metrics, raw = scores[0], scores[-1]  # the kept weights' scores, and the raw model's
         run.history.append({
             "epoch": epoch + 1, "phase": phase.name, "size": list(phase.size), "train_loss": train_loss,
@@ -235,7 +234,9 @@ def fit(config: TrainConfig) -> dict:
     writer = RunWriter(run_dir, config, folder, fingerprint, net_config, run) if d.main else None
     if d.main and run.epochs_done:
         log.info("resuming %s at epoch %d/%d with its saved settings", run_dir, run.epochs_done + 1, config.epochs)
-    amp = Amp.for_device(device)
+    amp = Amp.for_device(device, config.precision)
+    if d.main:
+        log.info("training in %s on %s", amp.name, device)
     for phase in phases:
         if run.epochs_done < phase.start + phase.epochs:
             run_phase(phase, config, folder, model, run, loss_fn, d, device, amp, writer, ema, teacher)
