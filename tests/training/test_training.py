@@ -421,7 +421,8 @@ def test_a_bf16_run_trains_records_its_precision_and_its_scores_are_fp32s(tmp_pa
 TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
 
 
-@pytest.mark.skipif(not TCMALLOC.is_file(), reason="apt-get install libtcmalloc-minimal4")
+@pytest.mark.skipif(not TCMALLOC.is_file(),
+                    reason="TCMalloc is not installed (`apt-get install libtcmalloc-minimal4`; .ci/run installs it)")
 def test_precision_auto_decides_in_a_process_with_tcmalloc_preloaded():
     """docs/training.md preloads TCMalloc for CPU training; OpenVINO aborts in such a process ("free(): invalid
     pointer"), so the trainer reads the CPU's flags instead of asking it."""
