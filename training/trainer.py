@@ -196,7 +196,7 @@ def run_phase(phase: Phase, config: TrainConfig, folder: CamVidFolder, model: UN
                 torch.distributed.broadcast(buffer, 0)
         c = folder.classes
         scores = [evaluate(m, valid_dl, c.num_classes, c.ignore_index, c.void_index, device, list(c.names), "valid",
-                           show, Amp.for_scoring(device)) for m in ([model] if ema is None else [ema.module, model])]
+                           show) for m in ([model] if ema is None else [ema.module, model])]
         metrics, raw = scores[0], scores[-1]  # the kept weights' scores, and the raw model's
         run.history.append({
             "epoch": epoch + 1, "phase": phase.name, "size": list(phase.size), "train_loss": train_loss,
