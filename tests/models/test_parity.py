@@ -21,7 +21,7 @@ from ..conftest import CAMVID, SHIPPED
 
 
 def test_service_and_evaluate_make_the_same_mask_for_the_same_image():
-    # The shipped model runs at 320x448 and the fixture frames are 96x72: both sides resize in and back out.
+    # The shipped model runs at 360x480 and the fixture frames are 96x72: both sides resize in and back out.
     ckpt = load_checkpoint(SHIPPED)
     meta = ckpt.meta
     folder = open_folder(CAMVID)
