@@ -42,8 +42,10 @@ class TrainConfig:
     dice: float = option(0.0, "add W x soft Dice to cross-entropy: raises thin classes' IoU (try 1.0)", metavar="W")
     lovasz: float = option(0.0, "add W x Lovász-softmax, a surrogate of each class's IoU (Berman et al. 2018)",
                            metavar="W")
-    teacher: Path | None = option(None, "distil from this trained checkpoint (same classes; any encoder): its "
-                                  "predictions on each training batch are a second target", metavar="CHECKPOINT")
+    teacher: tuple[Path, ...] = option((), "distil from this trained checkpoint (same classes; any encoder): its "
+                                       "predictions on each training batch are a second target; several: an "
+                                       "ensemble, their class probabilities averaged", nargs="+",
+                                       metavar="CHECKPOINT")
     distill: float = option(1.0, "weight of the distillation term (with --teacher)", metavar="W")
     distill_temperature: float = option(1.0, "softmax temperature of the distillation term", metavar="T")
     teacher_tta: str = option("flip", "the teacher's test-time augmentation (flip: it averages each batch and its "
@@ -84,7 +86,10 @@ class TrainConfig:
     show_progress: bool = option(True, "no progress bars", flag="--quiet")
 
     def to_dict(self) -> dict:
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+        def plain(v):
+            return str(v) if isinstance(v, Path) else tuple(map(plain, v)) if isinstance(v, tuple) else v
+
+        return {k: plain(v) for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -94,8 +99,12 @@ class TrainConfig:
         for f in dataclasses.fields(cls):
             if f.name in d:
                 value, kind = d[f.name], _base(hints[f.name])
-                values[f.name] = value if value is None else tuple(value) if get_origin(kind) is tuple \
-                    else Path(value) if kind is Path else value
+                if get_origin(kind) is tuple and value is not None:
+                    item = get_args(kind)[0]
+                    value = (value,) if isinstance(value, str) else value  # a single path, as runs once saved it
+                    values[f.name] = tuple(Path(v) if item is Path else v for v in value)
+                else:
+                    values[f.name] = value if value is None else Path(value) if kind is Path else value
         return cls(**values)
 
 

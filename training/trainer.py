@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -95,35 +96,55 @@ def build_ema(config: TrainConfig, model: UNet, run: RunState) -> ModelEmaV3 | N
 
 
 class Teacher(nn.Module):
-    """--teacher: a trained checkpoint, frozen, in eval mode, that predicts each training batch (under flip
-    averaging with --teacher-tta flip). Batches are normalised for the student; they are re-normalised for a teacher
-    whose encoder expects another mean and std."""
+    """--teacher: one or more trained checkpoints, frozen, in eval mode, that predict each training batch (each under
+    flip averaging with --teacher-tta flip). Batches are normalised for the student; they are re-normalised for a
+    teacher whose encoder expects another mean and std. Several teachers are an ensemble: their class probabilities
+    are averaged, and the log of that average is what the distillation term reads as the teacher's logits."""
 
-    def __init__(self, path: Path, classes, mean, std, tta: str, device: torch.device):
+    def __init__(self, paths: Path | Sequence[Path], classes, mean, std, tta: str, device: torch.device):
         super().__init__()
-        source = load_checkpoint(path)
-        if list(source.meta.classes.names) != list(classes.names):
-            raise ConfigError(f"{path}: --teacher has classes {list(source.meta.classes.names)}, the data has "
-                              f"{list(classes.names)}; a teacher needs the same class list in the same order")
-        self.model = source.model.to(device).to(memory_format=torch.channels_last).eval().requires_grad_(False)
+        paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+        if not paths:
+            raise ConfigError("--teacher needs at least one checkpoint")
+        models, scales, shifts = [], [], []
         as_column = lambda v: torch.tensor(v, dtype=torch.float32, device=device)[:, None, None]  # noqa: E731
-        self.scale = as_column(std) / as_column(source.meta.std)
-        self.shift = (as_column(mean) - as_column(source.meta.mean)) / as_column(source.meta.std)
+        for path in paths:
+            source = load_checkpoint(path)
+            if list(source.meta.classes.names) != list(classes.names):
+                raise ConfigError(f"{path}: --teacher has classes {list(source.meta.classes.names)}, the data has "
+                                  f"{list(classes.names)}; a teacher needs the same class list in the same order")
+            models.append(source.model.to(device).to(memory_format=torch.channels_last).eval().requires_grad_(False))
+            scales.append(as_column(std) / as_column(source.meta.std))
+            shifts.append((as_column(mean) - as_column(source.meta.mean)) / as_column(source.meta.std))
+        self.models = nn.ModuleList(models)
+        self.scales, self.shifts = scales, shifts
         self.tta = tta
 
+    @property
+    def model(self) -> nn.Module:
+        """The first (with one teacher, the only) network."""
+        return self.models[0]
+
     def train(self, mode: bool = True) -> Teacher:
-        return super().train(False)  # BatchNorm keeps the teacher's statistics
+        return super().train(False)  # BatchNorm keeps the teachers' statistics
+
+    def _one(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        x = x * self.scales[i] + self.shifts[i]
+        model = self.models[i]
+        return flip_averaged(model, x) if self.tta == "flip" else model(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x * self.scale + self.shift
-        return flip_averaged(self.model, x) if self.tta == "flip" else self.model(x)
+        if len(self.models) == 1:
+            return self._one(0, x)
+        probs = sum(self._one(i, x).float().softmax(1) for i in range(len(self.models))) / len(self.models)
+        return probs.clamp_min(1e-8).log()
 
 
 def build_teacher(config: TrainConfig, classes, device: torch.device) -> Teacher | None:
-    if config.teacher is None:
+    if not config.teacher:
         return None
     mean, std = normalization(config.encoder)
-    return Teacher(Path(config.teacher), classes, mean, std, config.teacher_tta, device)
+    return Teacher(config.teacher, classes, mean, std, config.teacher_tta, device)
 
 
 def augmentation_focus(config: TrainConfig, classes) -> tuple[int, ...]:

@@ -3,6 +3,7 @@ CamVid folder."""
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,6 +43,32 @@ def test_teacher_renormalises_the_students_batches_for_its_own_encoder(teacher, 
     assert not any(p.requires_grad for p in flip.parameters())
 
 
+def test_several_teachers_are_an_ensemble_of_their_averaged_probabilities(teacher, small_unet, tmp_path, classes):
+    path, model, meta = teacher
+    torch.manual_seed(2)
+    other = type(model)(model.config).eval()  # same architecture, other weights
+    second = save_checkpoint(tmp_path / "second.safetensors", other, meta)
+    as_teacher = torch.rand(2, 3, 48, 64)
+    as_teacher = (as_teacher - torch.tensor(meta.mean)[:, None, None]) / torch.tensor(meta.std)[:, None, None]
+    both = Teacher([path, second], classes, meta.mean, meta.std, "none", torch.device("cpu"))
+    with torch.no_grad():
+        expected = (model(as_teacher).softmax(1) + other(as_teacher).softmax(1)) / 2
+        probs = both(as_teacher).softmax(1)  # what the distillation term reads (log_softmax of the output)
+    assert torch.allclose(probs, expected, atol=1e-5)
+    assert torch.allclose(probs.sum(1), torch.ones(2, 48, 64), atol=1e-5)
+    assert len(both.models) == 2 and not any(p.requires_grad for p in both.parameters())
+
+
+def test_a_run_saved_with_one_teacher_path_reads_back_as_a_list_of_one():
+    # runs saved before --teacher took several checkpoints stored one path (or null)
+    assert TrainConfig.from_dict({"data": "d", "out": "o.safetensors", "teacher": "t.safetensors"}).teacher == \
+        (Path("t.safetensors"),)
+    assert TrainConfig.from_dict({"data": "d", "out": "o", "teacher": None}).teacher is None
+    config = TrainConfig(data=Path("d"), out=Path("o"), teacher=(Path("a"), Path("b")))
+    assert json.loads(json.dumps(config.to_dict()))["teacher"] == ["a", "b"]
+    assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))).teacher == (Path("a"), Path("b"))
+
+
 def test_distillation_and_lovasz_add_their_terms_and_are_recorded(teacher, tmp_path):
     path = teacher[0]
 
@@ -54,11 +81,11 @@ def test_distillation_and_lovasz_add_their_terms_and_are_recorded(teacher, tmp_p
 
     plain, _ = run("plain")
     lovasz, lovasz_train = run("lovasz", lovasz=1.0)
-    distilled, distilled_train = run("distilled", teacher=path, distill=2.0)
+    distilled, distilled_train = run("distilled", teacher=(path,), distill=2.0)
     assert lovasz["train_loss"] > plain["train_loss"] and distilled["train_loss"] > plain["train_loss"]
     assert lovasz["mean_iou"] == plain["mean_iou"] == distilled["mean_iou"]
     assert lovasz_train["lovasz"] == 1.0
-    assert distilled_train["teacher"] == str(path) and distilled_train["distill"] == 2.0
+    assert distilled_train["teacher"] == [str(path)] and distilled_train["distill"] == 2.0
     assert distilled_train["teacher_tta"] == "flip"
 
 
