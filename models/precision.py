@@ -6,7 +6,10 @@ A checkpoint `X.safetensors` may have two files beside it, written by `python -m
 - `X.precision.json`, the precision card: mIoU and pixel accuracy of fp32, bf16 and int8 on a held-out list of
   labelled frames, bound to the checkpoint's sha256, with the calibration set's fingerprint and the library
   versions. A reduced precision is eligible for SEGMENT_PRECISION=auto only when its mIoU is within `TOLERANCE`
-  of fp32's on that list.
+  of fp32's on that list. A model fit on every labelled frame (`train --final`) has no held-out list: its card
+  says how many of the scored frames it trained on, and then judges it by its twin instead (`judged_on`: the same
+  recipe trained without those frames, quantised and scored the same way, `quantize --twin`); without a twin,
+  neither reduced precision is eligible.
 - `X.int8.onnx`, the network quantised by ONNX Runtime's static quantisation (QDQ: int8 weights per output
   channel, uint8 activations, calibrated on training frames), bound to the same sha256; ONNX Runtime and
   OpenVINO both run it.
@@ -27,7 +30,7 @@ from pathlib import Path
 from .checkpoint import file_sha256
 
 CARD_FORMAT = "camvid-segment/precision-card"
-CARD_VERSION = 1
+CARD_VERSION = 2  # 2: held_out.trained_on and judged_on
 TOLERANCE = 0.005  # the most mIoU a reduced precision may lose against fp32 on the card's held-out list
 REDUCED = ("bf16", "int8")
 SANITY_PHOTO = Path(__file__).with_name("sanity.jpg")  # a CamVid frame (valid split) for start-up sanity checks
@@ -44,10 +47,13 @@ def int8_path(checkpoint: Path) -> Path:
 @dataclass
 class PrecisionCard:
     checkpoint_sha256: str
-    held_out: dict  # {"split": ..., "images": n, "fingerprint": sha256 of the file names}
+    held_out: dict  # {"split", "images": n, "fingerprint": sha256 of the file names, "trained_on": n or None}
     scores: dict[str, dict]  # precision → {"mean_iou", "pixel_accuracy", "runtime"}
     int8: dict = field(default_factory=dict)  # {"file", "sha256", "method", "calibration": {...}}; {} when none
     versions: dict = field(default_factory=dict)
+    # the twin that judges a model with no held-out frames: {"checkpoint", "sha256", "split", "images",
+    # "fingerprint", "scores"}; {} when the card's own scores judge
+    judged_on: dict = field(default_factory=dict)
     tolerance: float = TOLERANCE
     format: str = CARD_FORMAT
     version: int = CARD_VERSION
@@ -56,21 +62,36 @@ class PrecisionCard:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
         return Path(path)
 
+    @property
+    def judging_scores(self) -> dict[str, dict]:
+        """The scores that decide eligibility: the twin's when the card names one, else its own."""
+        return self.judged_on.get("scores", {}) if self.judged_on else self.scores
+
     def loss(self, precision: str) -> float | None:
-        """mIoU lost against fp32 on the held-out list; None when either was not measured."""
-        if precision not in self.scores or "fp32" not in self.scores:
+        """mIoU lost against fp32 on the frames that judge (judging_scores); None when either was not measured."""
+        scores = self.judging_scores
+        if precision not in scores or "fp32" not in scores:
             return None
-        return self.scores["fp32"]["mean_iou"] - self.scores[precision]["mean_iou"]
+        return scores["fp32"]["mean_iou"] - scores[precision]["mean_iou"]
 
     def eligible(self, precision: str) -> tuple[bool, str]:
         """Whether `precision` may serve under `auto`, and a phrase saying why (for the start-up notes)."""
+        if not self.judged_on and self.held_out.get("trained_on"):
+            return False, (f"the precision card scored it on {self.held_out['trained_on']} of "
+                           f"{self.held_out.get('images', '?')} frames it trained on ({self.held_out.get('split')}), "
+                           "which cannot show what reduced precision costs on new frames; `python -m training "
+                           "quantize --twin` judges it on its recipe's held-out twin")
         loss = self.loss(precision)
         if loss is None:
             return False, f"the precision card has no {precision} score"
-        where = f"on {self.held_out.get('split', 'its held-out list')} ({self.held_out.get('images', '?')} frames)"
+        judge = self.judged_on or self.held_out
+        where = f"on {judge.get('split', 'its held-out list')} ({judge.get('images', '?')} frames)"
+        if self.judged_on:
+            where += f" by its held-out twin {self.judged_on.get('checkpoint')}"
+        scores = self.judging_scores
         verdict = "within" if loss <= self.tolerance else "beyond"
-        return loss <= self.tolerance, (f"mIoU {self.scores[precision]['mean_iou']:.4f} vs fp32 "
-                                        f"{self.scores['fp32']['mean_iou']:.4f} {where}: {verdict} {self.tolerance}")
+        return loss <= self.tolerance, (f"mIoU {scores[precision]['mean_iou']:.4f} vs fp32 "
+                                        f"{scores['fp32']['mean_iou']:.4f} {where}: {verdict} {self.tolerance}")
 
 
 class CardError(ValueError):
@@ -98,9 +119,11 @@ def read_card(checkpoint: Path, sha256: str) -> PrecisionCard:
                         f"this one {sha256[:12]}…): re-run `python -m training quantize`")
     try:
         card = PrecisionCard(**{k: d[k] for k in PrecisionCard.__dataclass_fields__ if k in d})
-        for score in card.scores.values():
+        for score in [*card.scores.values(), *card.judging_scores.values()]:
             float(score["mean_iou"]), float(score["pixel_accuracy"])
-    except (TypeError, KeyError, ValueError) as e:
+        for precision in REDUCED:
+            card.eligible(precision)  # held_out and judged_on hold what it reads
+    except (TypeError, KeyError, ValueError, AttributeError) as e:
         raise CardError(f"{path.name} is incomplete ({type(e).__name__}: {e})") from None
     if card.int8:
         file = path.parent / str(card.int8.get("file", ""))

@@ -3,7 +3,8 @@
 A reduced precision is a candidate when the CPU runs it in hardware (models.precision.native_precisions: never
 emulated bf16, which is slower than fp32; int8 on VNNI or AMX, unless asked for by name), when a runtime that runs
 it is allowed (bf16: OpenVINO; int8: OpenVINO or ONNX Runtime, on the checkpoint's int8 model), and, under `auto`,
-when the checkpoint's precision card shows its mIoU within 0.005 of fp32's on held-out frames. Asked for by name,
+when the checkpoint's precision card shows its mIoU within 0.005 of fp32's on held-out frames (for a model fit on
+every frame, on its held-out twin's; models/precision.py). Asked for by name,
 bf16 needs no card (its quality is then unmeasured, and the notes say so); int8 needs the card's int8 model. The
 candidates then face a start-up check against torch fp32 on a street photo (models/sanity.jpg) with a bar
 (`SANITY`) that catches a broken int8 model, not rounding; `auto` keeps the fastest of everything that passed.
@@ -35,9 +36,17 @@ def card_summary(checkpoint: Checkpoint) -> str | None:
         card = read_card(checkpoint.path, checkpoint.sha256)
     except CardError as e:
         return f"precision card: {e}"
-    scores = ", ".join(f"{p} {s['mean_iou']:.4f}" for p, s in card.scores.items())
-    return (f"precision card: mIoU {scores} on {card.held_out.get('split')} ({card.held_out.get('images')} frames)"
-            + (f"; {card.int8['problem']}" if "problem" in card.int8 else ""))
+    def listed(scores: dict) -> str:
+        return ", ".join(f"{p} {s['mean_iou']:.4f}" for p, s in scores.items())
+
+    trained_on = card.held_out.get("trained_on")
+    line = (f"precision card: mIoU {listed(card.scores)} on {card.held_out.get('split')} "
+            f"({card.held_out.get('images')} frames" + (f", {trained_on} of them trained on)" if trained_on else ")"))
+    if card.judged_on:
+        twin = card.judged_on
+        line += (f"; judged by its held-out twin {twin.get('checkpoint')}: mIoU {listed(twin['scores'])} on "
+                 f"{twin.get('split')} ({twin.get('images')} frames)")
+    return line + (f"; {card.int8['problem']}" if "problem" in card.int8 else "")
 
 
 def reduced_candidates(checkpoint: Checkpoint, request: str, runtimes: tuple[str, ...]

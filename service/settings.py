@@ -35,7 +35,8 @@ class Settings(BaseSettings):
         "auto", description="auto: fp16 on CUDA; on a CPU the fastest of fp32, bf16 and int8 timed at start-up, "
                             "among the reduced ones only those the CPU runs natively (bf16: AVX-512 BF16 or AMX; "
                             "int8: VNNI or AMX) whose precision card (`python -m training quantize`) shows mIoU within "
-                            "0.005 of fp32's on held-out frames. bf16 or int8 by name: used where the CPU and a "
+                            "0.005 of fp32's on held-out frames (for a `--final` model, its held-out twin's: "
+                            "docs/training.md). bf16 or int8 by name: used where the CPU and a "
                             "runtime can, else fp32, with the reason in /model's notes. fp16 applies on CUDA only, "
                             "int8 on a CPU only")
     backend: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(

@@ -20,7 +20,16 @@ from models.processing import FlipAveraged, logits_to_mask, preprocess
 from models.unet import UNetConfig, build_unet
 
 from .config import add_options, from_args
-from .data import DataError, SegmentationDataset, collate, image_size, open_folder, read_image, read_label
+from .data import (
+    DataError,
+    SegmentationDataset,
+    collate,
+    frames_trained_on,
+    image_size,
+    open_folder,
+    read_image,
+    read_label,
+)
 from .download import SOURCES, Source, fetch
 from .engine import Amp, evaluate, lr_find, resolve_device
 from .quantize import add_parser as add_quantize
@@ -57,6 +66,11 @@ def _score(a: argparse.Namespace, ckpt, device, input_size: tuple[int, int], sho
     m = evaluate(model, loader, meta.classes.num_classes, meta.classes.ignore_index, meta.classes.void_index,
                  device, list(meta.classes.names), show=show)
     split = valid_split_name(a.holdout_drive, a.valid_list) if a.split == "valid" else a.split
+    seen = frames_trained_on(meta, folder)
+    overlap = len(seen & {p.image.name for p in ds.pairs}) if seen else 0
+    if overlap:  # a --final model (or one split otherwise) scored on frames it trained on: the split says so
+        split += " (trained on too: --final)" if meta.train.get("final") and overlap == len(ds) else \
+            f" ({overlap} of {len(ds)} frames trained on)"
     m.update(split=split, images=len(ds), input_size=list(input_size), tta=getattr(a, "tta", "none"))
     return m
 

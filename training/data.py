@@ -226,6 +226,21 @@ def open_folder(root: Path, check: bool = True, need: tuple[str, ...] = ("train"
     return folder
 
 
+def frames_trained_on(meta, folder: CamVidFolder) -> set[str] | None:
+    """The names of `folder`'s frames that a checkpoint (its CheckpointMeta) trained on, rebuilt from the split it
+    records (--holdout-drive, --valid-list, --final); None when it was trained on other data (another fingerprint)
+    or its split cannot be rebuilt here."""
+    train = meta.train or {}
+    if not meta.data or meta.data.get("sha256") != folder.fingerprint()["sha256"]:
+        return None
+    try:
+        own = open_folder(folder.root, check=False, holdout_drive=train.get("holdout_drive"),
+                          valid_list=train.get("valid_list"), need=())
+    except DataError:
+        return None
+    return {p.image.name for p in own.pairs("train") + (own.pairs("valid") if train.get("final") else [])}
+
+
 def _sizes(splits: dict[str, list[Pair]]) -> str:
     return ", ".join(f"{len(v)} {k} images" for k, v in splits.items()) or "no images"
 

@@ -84,7 +84,9 @@ def card_json(path) -> dict:
     (lambda p: card_path(p).write_text(card_path(p).read_text()[:200]), "is unreadable"),
     (lambda p: card_path(p).write_text(json.dumps({**card_json(p), "format": "something/else"})),
      "is not a precision card"),
-    (lambda p: card_path(p).write_text(json.dumps({**card_json(p), "version": 2})), "written by a newer format"),
+    (lambda p: card_path(p).write_text(json.dumps({**card_json(p), "version": 3})), "written by a newer format"),
+    (lambda p: card_path(p).write_text(json.dumps({**card_json(p), "judged_on": {"scores": {"fp32": {}}}})),
+     "is incomplete"),
     (lambda p: card_path(p).write_text(json.dumps({**card_json(p), "checkpoint_sha256": "0" * 64})),
      "belongs to another checkpoint"),
     (lambda p: card_path(p).unlink(), "no precision card"),
@@ -125,11 +127,43 @@ def test_auto_stays_fp32_on_a_cpu_without_bf16_or_vnni(shipped, tmp_path, monkey
     assert "bf16 not used (this CPU has no native bf16" in notes and "int8 not used (this CPU has no VNNI" in notes
 
 
+def test_a_final_model_without_a_twin_serves_no_reduced_precision_under_auto(shipped, tmp_path, monkeypatch):
+    # the shipped model trained on every frame of its card's split; without its twin's verdict, auto keeps fp32
+    monkeypatch.setattr(precision, "native_precisions", lambda: frozenset({"bf16", "int8"}))
+    card = card_json(shipped)
+    card.pop("judged_on", None)
+    card["held_out"]["trained_on"] = card["held_out"]["images"]
+    card_path(shipped).write_text(json.dumps(card))
+    p = Predictor.load(shipped, "cpu", "auto", "openvino", cache_dir=tmp_path)
+    assert p.precision == "float32"
+    for name in ("bf16", "int8"):
+        assert any(n.startswith(f"{name} not used (the precision card scored it on 101 of 101 frames it trained on")
+                   for n in p.backend_notes), p.backend_notes
+    assert any(n.startswith("precision card: mIoU fp32 ") and "101 frames, 101 of them trained on)" in n
+               for n in p.backend_notes)
+
+
+def test_the_shipped_card_is_judged_by_the_held_out_twin_of_its_recipe(shipped):
+    card = read_card(shipped, load_checkpoint(shipped).sha256)
+    assert card.held_out["trained_on"] == card.held_out["images"] == 101  # a --final fit: valid.txt is training data
+    twin = card.judged_on
+    assert twin["split"] == "valid: held-out drive 0006R0" and twin["images"] == 101
+    assert twin["input_size"] == list(load_checkpoint(shipped).meta.input_size)
+    for name in set(twin["scores"]) - {"fp32"}:
+        loss = twin["scores"]["fp32"]["mean_iou"] - twin["scores"][name]["mean_iou"]
+        assert card.eligible(name)[0] == (loss <= card.tolerance)
+
+
 @pytest.mark.skipif(not precision.native_precisions(), reason="this CPU has neither native bf16 nor VNNI")
 def test_auto_times_the_eligible_reduced_precisions_beside_fp32(shipped, tmp_path):
     p = Predictor.load(shipped, "cpu", "auto", "openvino", cache_dir=tmp_path)
+    card = read_card(shipped, load_checkpoint(shipped).sha256)
+    eligible = {x for x in precision.native_precisions() if card.eligible(x)[0]}
+    if not eligible:  # e.g. int8 alone runs natively here, and the card does not allow it
+        assert p.precision == "float32"
+        return
     timing = p.backend_notes[-1]
     timed = set(re.findall(r"(\w[\w-]*) [\d.]+ / [\d.]+", timing))
-    expected = {"openvino"} | {f"openvino-{'bfloat16' if x == 'bf16' else x}" for x in precision.native_precisions()}
+    expected = {"openvino"} | {f"openvino-{'bfloat16' if x == 'bf16' else x}" for x in eligible}
     assert timed == expected, timing
     assert p.precision in {"float32", "bfloat16", "int8"}
