@@ -75,7 +75,7 @@ def score_precisions(ckpt: Checkpoint, held, train, calibration: int, seed: int,
     bf16 (where this CPU runs it natively) and int8 on `held` at `input_size` with OpenVINO; the scores and the
     calibration frames."""
     meta = ckpt.meta
-    if (tuple(meta.input_size)) != tuple(input_size):
+    if tuple(meta.input_size) != tuple(input_size):
         ckpt = dataclasses.replace(ckpt, meta=dataclasses.replace(meta, input_size=tuple(input_size)))
     chosen = random.Random(seed).sample(train, min(calibration, len(train)))
     transform = eval_transforms(input_size, meta.mean, meta.std)
