@@ -6,7 +6,10 @@ model is a forward at most 1.5x the shipped model's, measured in the same proces
 
 Each candidate is CHECKPOINT or CHECKPOINT@HxW (default: the checkpoint's own input size). Rounds run every model
 in turn, one 1x3xHxW forward at a time, so a machine that slows down slows them all; the table gives each one's
-median over all its forwards and the ratio to the reference. Appends the table to BENCHMARKS.md unless --no-record.
+median over all its forwards and the ratio to the reference, beside each forward's work counted by
+torch.utils.flop_counter (GFLOP, and its ratio): timings on a shared or idle 2-core VM move from run to run (the
+Zen 5 EPYC's 360x480 / 320x448 ratio measured 1.33x to 1.93x on one day), the work does not. Appends the table to
+BENCHMARKS.md unless --no-record.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -31,6 +35,13 @@ def parse(spec: str) -> tuple[Path, tuple[int, int] | None]:
         return Path(path), None
     h, _, w = size.lower().partition("x")
     return Path(path), (int(h), int(w))
+
+
+def gflop(model: torch.nn.Module, x: torch.Tensor) -> float:
+    """The floating-point operations of one forward (convolutions and matrix products, as torch counts them)."""
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops() / 1e9
 
 
 def main() -> None:
@@ -59,13 +70,14 @@ def main() -> None:
                     model(x)
                     times[spec].append(time.perf_counter() - t0)
     ref = statistics.median(times[specs[0]])
+    flops = {spec: gflop(model, x) for spec, model, x in models}
     lines = [f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_name()}; "
              f"{a.rounds} rounds x {a.forwards} forwards each, medians", "",
-             "| model | input | forward (ms) | vs reference |", "|---|---|---|---|"]
+             "| model | input | forward (ms) | vs reference | GFLOP | vs reference |", "|---|---|---|---|---|---|"]
     for spec, _, x in models:
         med = statistics.median(times[spec])
         lines.append(f"| `{spec.partition('@')[0]}` | {x.shape[2]}×{x.shape[3]} | {med * 1e3:.1f} | "
-                     f"{med / ref:.2f}× |")
+                     f"{med / ref:.2f}× | {flops[spec]:.2f} | {flops[spec] / flops[specs[0]]:.2f}× |")
     text = "\n".join(lines)
     print(text)
     if not a.no_record:
