@@ -204,7 +204,7 @@ def test_cli_errors_are_one_clear_line(tmp_path, capsys):
     assert "not a CamVid folder" in capsys.readouterr().err
 
 
-def test_ddp_two_processes_with_gloo(tmp_path):
+def test_ddp_two_processes_with_gloo(tmp_path, capsys):
     out, run_dir = tmp_path / "ddp.safetensors", tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "training", "train", "--data", str(CAMVID), "--out", str(out), "--run-dir", str(run_dir),
@@ -214,13 +214,10 @@ def test_ddp_two_processes_with_gloo(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     h = history(run_dir)
     assert [r["epoch"] for r in h] == [1, 2]  # rank 0 alone wrote the log
-    # the 2 validation shards were all-reduced: one process scoring all images gets the same numbers (scored in a
-    # process of its own: late in the full suite, this pytest process once died of a segfault here, without a trace)
-    scored = subprocess.run([sys.executable, "-m", "training", "evaluate", "--data", str(CAMVID), "--checkpoint",
-                             str(run_dir / "last.safetensors"), "--json", "--workers", "0"],
-                            capture_output=True, text=True, timeout=300)
-    assert scored.returncode == 0, scored.stderr[-3000:]
-    m = json.loads(scored.stdout)
+    # the 2 validation shards were all-reduced: one process scoring all images gets the same numbers
+    assert main(["evaluate", "--data", str(CAMVID), "--checkpoint", str(run_dir / "last.safetensors"),
+                 "--json", "--workers", "0"]) == 0
+    m = json.loads(capsys.readouterr().out)
     assert m["pixel_accuracy"] == pytest.approx(h[-1]["pixel_accuracy"], abs=1e-9)
     assert m["mean_iou"] == pytest.approx(h[-1]["mean_iou"], abs=1e-9)
     assert out.is_file()
