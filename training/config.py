@@ -42,6 +42,8 @@ class TrainConfig:
     dice: float = option(0.0, "add W x soft Dice to cross-entropy: raises thin classes' IoU (try 1.0)", metavar="W")
     lovasz: float = option(0.0, "add W x Lovász-softmax, a surrogate of each class's IoU (Berman et al. 2018)",
                            metavar="W")
+    ohem: float = option(1.0, "cross-entropy over the hardest SHARE of each batch's labelled pixels only (online hard "
+                         "example mining; try 0.25); 1: all", metavar="SHARE")
     teacher: tuple[Path, ...] = option((), "distil from this trained checkpoint (same classes; any encoder): its "
                                        "predictions on each training batch are a second target; several: an "
                                        "ensemble, their class probabilities averaged", nargs="+",

@@ -4,11 +4,15 @@ term.
 Cross-entropy optimises per-pixel accuracy, so thin, rare classes (poles, signs, cyclists) are cheap to
 get wrong. Soft Dice scores each class by its overlap, whatever its size, which is what mean IoU rewards;
 the sum of the two keeps CE's stable gradients and Dice's care for small classes. Lovász-softmax (Berman et al.,
-CVPR 2018) is a convex surrogate of each class's IoU itself; distillation pulls the network towards a teacher's
-softened predictions (Hinton et al., 2015), on every pixel, Void ones included.
+CVPR 2018) is a convex surrogate of each class's IoU itself; online hard example mining (OHEM, Shrivastava et al.,
+CVPR 2016, as segmentation codebases apply it per pixel) spends the cross-entropy on the pixels the network gets most
+wrong, mostly edges and thin classes, instead of the sky and road it already knows; distillation pulls the network
+towards a teacher's softened predictions (Hinton et al., 2015), on every pixel, Void ones included.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -18,8 +22,8 @@ from models.errors import ConfigError
 
 
 class SegmentationLoss(nn.Module):
-    """`CE(weight, ignore_index) + dice * (1 - mean soft Dice) + lovasz * Lovász-softmax
-    + distill * T² * KL(teacher_T ‖ student_T)`.
+    """`CE(weight, ignore_index) [over the hardest `ohem` share of labelled pixels] + dice * (1 - mean soft Dice)
+    + lovasz * Lovász-softmax + distill * T² * KL(teacher_T ‖ student_T)`.
 
     The Dice and Lovász terms are computed over the whole batch per class (as mean IoU counts a split's pixels
     together), skip pixels labelled `ignore_index`, and average only over classes present in the batch's labels, so
@@ -28,20 +32,22 @@ class SegmentationLoss(nn.Module):
 
     def __init__(self, num_classes: int, ignore_index: int, weight: torch.Tensor | None = None,
                  dice: float = 0.0, eps: float = 1.0, lovasz: float = 0.0, distill: float = 0.0,
-                 temperature: float = 1.0):
+                 temperature: float = 1.0, ohem: float = 1.0):
         super().__init__()
+        if not 0 < ohem <= 1:
+            raise ConfigError(f"ohem must be a share of the labelled pixels in (0, 1], got {ohem}")
         for name, value in (("dice", dice), ("lovasz", lovasz), ("distill", distill)):
             if value < 0:
                 raise ConfigError(f"{name} weight must be >= 0, got {value}")
         if temperature <= 0:
             raise ConfigError(f"distillation temperature must be > 0, got {temperature}")
         self.num_classes, self.ignore_index, self.dice, self.eps = num_classes, ignore_index, dice, eps
-        self.lovasz, self.distill, self.temperature = lovasz, distill, temperature
+        self.lovasz, self.distill, self.temperature, self.ohem = lovasz, distill, temperature, ohem
         self.ce = nn.CrossEntropyLoss(weight=weight, ignore_index=ignore_index)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor,
                 teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
-        loss = self.ce(logits, target)
+        loss = self.ohem_loss(logits, target) if self.ohem < 1 and self.training else self.ce(logits, target)
         if self.dice:
             loss = loss + self.dice * self.dice_loss(logits, target)
         if self.lovasz:
@@ -93,6 +99,21 @@ class SegmentationLoss(nn.Module):
         errors, order = (truth - probs).abs().sort(1, descending=True)
         truth = truth.gather(1, order)
         return (errors * lovasz_grad(truth)).sum(1).mean()
+
+    def ohem_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy averaged over the ceil(ohem x n) labelled pixels of the batch with the largest loss (with class
+        weights: their weighted mean, as `nn.CrossEntropyLoss` takes it over all of them)."""
+        per_pixel = F.cross_entropy(logits.float(), target, self.ce.weight, ignore_index=self.ignore_index,
+                                    reduction="none")
+        valid = target != self.ignore_index
+        losses = per_pixel[valid]
+        if losses.numel() == 0:
+            return logits.sum() * 0.0
+        hardest = losses.topk(math.ceil(self.ohem * losses.numel()), sorted=False).indices
+        if self.ce.weight is None:
+            return losses[hardest].mean()
+        # F.cross_entropy's per-pixel values are already multiplied by their class's weight
+        return losses[hardest].sum() / self.ce.weight[target[valid][hardest]].sum()
 
     def distill_loss(self, logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         """T² · KL(softmax(teacher / T) ‖ softmax(student / T)), averaged over every pixel (T² keeps the gradient's

@@ -69,7 +69,7 @@ def test_a_run_saved_with_one_teacher_path_reads_back_as_a_list_of_one():
     assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))).teacher == (Path("a"), Path("b"))
 
 
-def test_distillation_and_lovasz_add_their_terms_and_are_recorded(teacher, tmp_path):
+def test_distillation_lovasz_and_ohem_change_the_loss_alone_and_are_recorded(teacher, tmp_path):
     path = teacher[0]
 
     def run(name: str, **kw) -> tuple[dict, dict]:
@@ -79,12 +79,14 @@ def test_distillation_and_lovasz_add_their_terms_and_are_recorded(teacher, tmp_p
         history = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[-1])
         return history, load_checkpoint(out).meta.train
 
-    plain, _ = run("plain")
+    plain, plain_train = run("plain")
     lovasz, lovasz_train = run("lovasz", lovasz=1.0)
     distilled, distilled_train = run("distilled", teacher=(path,), distill=2.0)
+    ohem, ohem_train = run("ohem", ohem=0.25)  # cross-entropy over the hardest quarter: above the mean over all
     assert lovasz["train_loss"] > plain["train_loss"] and distilled["train_loss"] > plain["train_loss"]
-    assert lovasz["mean_iou"] == plain["mean_iou"] == distilled["mean_iou"]
-    assert lovasz_train["lovasz"] == 1.0
+    assert ohem["train_loss"] > plain["train_loss"]
+    assert lovasz["mean_iou"] == plain["mean_iou"] == distilled["mean_iou"] == ohem["mean_iou"]
+    assert lovasz_train["lovasz"] == 1.0 and ohem_train["ohem"] == 0.25 and plain_train["ohem"] == 1.0
     assert distilled_train["teacher"] == [str(path)] and distilled_train["distill"] == 2.0
     assert distilled_train["teacher_tta"] == "flip"
 

@@ -113,7 +113,33 @@ def test_distillation_is_t_squared_kl_from_the_teacher_on_every_pixel_void_inclu
 
 
 @pytest.mark.parametrize("kwargs, match", [({"lovasz": -1}, "lovasz weight"), ({"distill": -0.5}, "distill weight"),
-                                           ({"temperature": 0}, "temperature")])
+                                           ({"temperature": 0}, "temperature"), ({"ohem": 0}, "ohem"),
+                                           ({"ohem": 1.5}, "ohem")])
 def test_bad_weights_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SegmentationLoss(4, VOID, **kwargs)
+
+
+def test_ohem_by_hand_averages_the_hardest_share_of_labelled_pixels():
+    # One row of 5 pixels, 4 classes; the logit of the true class is 0 and the others' are x, so a pixel's CE is
+    # ln(1 + 3 e^x): x = 2, 1, 0, -1 on the labelled pixels, the fifth void (large x, never counted).
+    xs = [2.0, 1.0, 0.0, -1.0, 9.0]
+    target = torch.tensor([[[0, 1, 2, 0, VOID]]])
+    logits = torch.zeros(1, 4, 1, 5)
+    for i, (x, t) in enumerate(zip(xs, target[0, 0].tolist(), strict=True)):
+        logits[0, :, 0, i] = x
+        logits[0, t, 0, i] = 0.0
+    ce = [math.log(1 + 3 * math.exp(x)) for x in xs[:4]]
+    # 0.5 of 4 labelled pixels: the two hardest (x = 2 and 1); 0.3: ceil(1.2) = 2 as well; 0.2: the hardest alone
+    assert SegmentationLoss(4, VOID, ohem=0.5)(logits, target).item() == pytest.approx((ce[0] + ce[1]) / 2, rel=1e-5)
+    assert SegmentationLoss(4, VOID, ohem=0.3)(logits, target).item() == pytest.approx((ce[0] + ce[1]) / 2, rel=1e-5)
+    assert SegmentationLoss(4, VOID, ohem=0.2)(logits, target).item() == pytest.approx(ce[0], rel=1e-5)
+    # 1 (the default), and any share out of training (scoring): the mean over all labelled pixels
+    assert SegmentationLoss(4, VOID)(logits, target).item() == pytest.approx(sum(ce) / 4, rel=1e-5)
+    assert SegmentationLoss(4, VOID, ohem=0.2).eval()(logits, target).item() == pytest.approx(sum(ce) / 4, rel=1e-5)
+    # with class weights (3, 1, 1): weighted losses 3 ce0, ce1, ce2, 3 ce3; the two largest are 3 ce0 and 3 ce3
+    # (3 ln(1 + 3/e) = 2.22 > ln(1 + 3e) = 2.21), divided by their weights' sum, as nn.CrossEntropyLoss divides
+    weighted = SegmentationLoss(4, VOID, torch.tensor([3.0, 1.0, 1.0, 1.0]), ohem=0.5)(logits, target)
+    assert weighted.item() == pytest.approx((3 * ce[0] + 3 * ce[3]) / 6, rel=1e-5)
+    # an all-void batch: nothing to mine, a zero that still has a gradient path
+    assert SegmentationLoss(4, VOID, ohem=0.5)(logits, torch.full_like(target, VOID)).item() == 0.0
