@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .checkpoint import file_sha256
+from .runtimes import openvino_core
 
 CARD_FORMAT = "camvid-segment/precision-card"
 CARD_VERSION = 2  # 2: held_out.trained_on and judged_on
@@ -157,9 +158,7 @@ def native_precisions() -> frozenset[str]:
     gain little over fp32)."""
     found = set()
     try:
-        import openvino as ov
-
-        if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        if "BF16" in openvino_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
             found.add("bf16")
     except Exception:  # OpenVINO missing or unable to query the CPU: no bf16
         pass

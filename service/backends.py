@@ -27,6 +27,7 @@ import torch
 from models import __version__
 from models.checkpoint import Checkpoint
 from models.export import INPUT, OPSET, OUTPUT, export_onnx, onnx_metadata
+from models.runtimes import openvino_core
 
 log = logging.getLogger("service")
 
@@ -86,8 +87,6 @@ class OpenVinoBackend:
     name, precision, device = "openvino", "float32", torch.device("cpu")
 
     def __init__(self, path: Path, cache_dir: Path | None, streams: int = 1, precision: str = "float32"):
-        import openvino as ov
-
         # f32 unless bf16 is asked for (precisions.py): on CPUs with AMX/AVX-512 bf16 OpenVINO would otherwise run
         # in bf16 by itself. An int8 (QDQ) model runs its quantised operations in int8 under the f32 hint.
         self.precision = precision
@@ -95,7 +94,7 @@ class OpenVinoBackend:
         config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": hint}
         if cache_dir is not None:
             config["CACHE_DIR"] = str(cache_dir / "openvino")
-        core, self.streams = ov.Core(), streams
+        core, self.streams = openvino_core(), streams  # one per process: see models/runtimes.py
         self.request = core.compile_model(str(path), "CPU", config).create_infer_request()  # a forward alone
         # Overlapping forwards: a model compiled into `streams` CPU streams, one infer request per stream.
         self.shared: queue.SimpleQueue = queue.SimpleQueue()

@@ -28,6 +28,7 @@ from models import __version__
 from models.checkpoint import Checkpoint, file_sha256, load_checkpoint
 from models.export import export_onnx
 from models.precision import PrecisionCard, card_path, int8_path, native_precisions, quantize_int8
+from models.runtimes import openvino_core
 
 from .data import DataError, SegmentationDataset, collate, frames_trained_on, open_folder
 from .engine import evaluate
@@ -43,10 +44,8 @@ class OpenVinoModule(nn.Module):
 
     def __init__(self, path: Path, hint: str):
         super().__init__()
-        import openvino as ov
-
-        self.request = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": hint}
-                                               ).create_infer_request()
+        self.request = openvino_core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": hint}
+                                                     ).create_infer_request()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.request.infer({0: x.contiguous().numpy()})[0].copy())

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -166,6 +167,33 @@ ONNX_ALONE = textwrap.dedent('''
     ours = sorted(m for m in sys.modules if m.split(".")[0] in ("models", "torch"))
     print(json.dumps({"classes": json.loads(meta["classes"]), "modules": ours}))
 ''')
+
+
+SWAP_THEN_SIGNAL = """
+import gc, os, signal, sys, threading
+from pathlib import Path
+from service.backends import OpenVinoBackend
+handled = []
+signal.signal(signal.SIGUSR1, lambda *_: handled.append("SIGUSR1"))
+for _ in range(2):  # a model compiled on this thread, then released on another (a hot swap, a worker, the GC)
+    box = [OpenVinoBackend(Path(sys.argv[1]), None)]
+    released = threading.Thread(target=lambda: (box.clear(), gc.collect()))
+    released.start()
+    released.join()
+os.kill(os.getpid(), signal.SIGUSR1)  # runs its Python handler on this thread's alternate signal stack
+print(handled)
+"""
+
+
+def test_a_model_released_on_another_thread_leaves_signals_working(checkpoint, tmp_path):  # noqa: F811
+    # OpenVINO's CPU plugin swaps the compiling thread's alternate signal stack for its own and, destroyed on another
+    # thread, unmapped it there: the next signal on the first thread (SIGTERM, SIGCHLD) was a segfault (rc -11).
+    # Run in a process of its own, so that a regression fails this test instead of killing the test run.
+    onnx, _ = backends.cached_onnx(load_checkpoint(checkpoint), tmp_path)
+    done = subprocess.run([sys.executable, "-c", SWAP_THEN_SIGNAL, str(onnx)], capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).parents[2])
+    assert done.returncode == 0, f"rc {done.returncode}: {done.stderr[-2000:]}"
+    assert done.stdout.strip() == "['SIGUSR1']"
 
 
 def test_exported_onnx_serves_without_this_package(tmp_path, capsys):

@@ -52,8 +52,7 @@ def fit_on_fixture(tmp_path, name: str, **train) -> Path:
 
 
 def quantize_in_a_process(*args: str) -> str:
-    """`python -m training quantize ARGS` in a process of its own (each run compiles several OpenVINO models; in
-    the pytest process they were followed, late in the full suite, by a segfault); its stdout."""
+    """`python -m training quantize ARGS`, as a user runs it, in a process of its own; its stdout."""
     done = subprocess.run([sys.executable, "-m", "training", "quantize", "--data", str(CAMVID), "--workers", "0",
                            *args], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
