@@ -21,9 +21,9 @@ def openvino_core():
     """The process's `openvino.Core` (ImportError when OpenVINO is not installed). Thread-safe: OpenVINO's `Core`
     compiles from several threads at once, and two first callers share one."""
     global _core
+    import openvino as ov  # first, every call: an environment without it (or a test hiding it) raises here
+
     with _lock:
         if _core is None:
-            import openvino as ov
-
             _core = ov.Core()
         return _core
