@@ -33,7 +33,7 @@ from .data import (
 from .download import SOURCES, Source, fetch
 from .engine import Amp, evaluate, lr_find, resolve_device
 from .quantize import add_parser as add_quantize
-from .run import KEPT_METRICS, fmt, valid_split_name
+from .run import KEPT_METRICS, fmt, scored_split_name, valid_split_name
 from .trainer import fit, set_encoder_frozen
 from .transforms import eval_transforms, train_transforms
 from .viz import colorize, plot_lr_find, results_grid
@@ -68,9 +68,7 @@ def _score(a: argparse.Namespace, ckpt, device, input_size: tuple[int, int], sho
     split = valid_split_name(a.holdout_drive, a.valid_list) if a.split == "valid" else a.split
     seen = frames_trained_on(meta, folder)
     overlap = len(seen & {p.image.name for p in ds.pairs}) if seen else 0
-    if overlap:  # a --final model (or one split otherwise) scored on frames it trained on: the split says so
-        split += " (trained on too: --final)" if meta.train.get("final") and overlap == len(ds) else \
-            f" ({overlap} of {len(ds)} frames trained on)"
+    split = scored_split_name(split, overlap, len(ds), bool(meta.train.get("final")))
     m.update(split=split, images=len(ds), input_size=list(input_size), tta=getattr(a, "tta", "none"))
     return m
 

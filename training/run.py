@@ -63,6 +63,16 @@ def valid_split_name(holdout_drive: str | None, valid_list: Path | str | None) -
     return "valid"
 
 
+def scored_split_name(split: str, trained_on: int, images: int, final: bool) -> str:
+    """`split`, saying when `trained_on` of its `images` scored frames were training data too (a --final fit scores
+    on frames it trained on; so does a model scored on another split's frames)."""
+    if not trained_on:
+        return split
+    if final and trained_on == images:
+        return f"{split} (trained on too: --final)"
+    return f"{split} ({trained_on} of {images} frames trained on)"
+
+
 def fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4f}"
 
@@ -149,8 +159,9 @@ class RunWriter:
         record = run.history[-1]
         kept = {k: metrics[k] for k in KEPT_METRICS}
         split = valid_split_name(self.config.holdout_drive, self.config.valid_list)
-        kept.update(epoch=record["epoch"], split=f"{split} (trained on too: --final)" if self.config.final else split,
-                    images=len(self.folder.pairs("valid")))
+        images = len(self.folder.pairs("valid"))
+        kept.update(epoch=record["epoch"], images=images,
+                    split=scored_split_name(split, images if self.config.final else 0, images, self.config.final))
         meta = CheckpointMeta(model=self.net_config, classes=self.folder.classes, mean=self.mean, std=self.std,
                               input_size=phase.size, metrics=kept, data=self.fingerprint, train=self.config.to_dict())
         kept_model = model if ema is None else ema.module
