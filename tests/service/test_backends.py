@@ -196,6 +196,14 @@ def test_a_model_released_on_another_thread_leaves_signals_working(checkpoint, t
     assert done.stdout.strip() == "['SIGUSR1']"
 
 
+def test_only_models_runtimes_makes_an_openvino_core():
+    # a second Core means a second CPU plugin, whose destruction on another thread brings the crash above back
+    root = Path(__file__).parents[2]
+    makers = [str(f.relative_to(root)) for folder in ("models", "service", "training", "bench", "clients")
+              for f in (root / folder).rglob("*.py") if "Core()" in f.read_text()]
+    assert makers == ["models/runtimes.py"]
+
+
 def test_exported_onnx_serves_without_this_package(tmp_path, capsys):
     shipped = _shipped()
     out = tmp_path / "camvid.onnx"
