@@ -35,7 +35,7 @@ class SegmentationLoss(nn.Module):
                  temperature: float = 1.0, ohem: float = 1.0):
         super().__init__()
         if not 0 < ohem <= 1:
-            raise ConfigError(f"ohem must be a share of the labelled pixels in (0, 1], got {ohem}")
+            raise ConfigError(f"--ohem {ohem:g}: give a share of the labelled pixels in (0, 1], e.g. 0.25 (1: all)")
         for name, value in (("dice", dice), ("lovasz", lovasz), ("distill", distill)):
             if value < 0:
                 raise ConfigError(f"{name} weight must be >= 0, got {value}")

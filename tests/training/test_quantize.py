@@ -3,8 +3,6 @@
 import dataclasses
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 from models.checkpoint import file_sha256, load_checkpoint, save_checkpoint
@@ -51,17 +49,10 @@ def fit_on_fixture(tmp_path, name: str, **train) -> Path:
     return save_checkpoint(tmp_path / f"{name}.safetensors", shipped.model, meta)
 
 
-def quantize_in_a_process(*args: str) -> str:
-    """`python -m training quantize ARGS`, as a user runs it, in a process of its own; its stdout."""
-    done = subprocess.run([sys.executable, "-m", "training", "quantize", "--data", str(CAMVID), "--workers", "0",
-                           *args], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
-
-
-def test_a_final_models_card_counts_the_frames_it_trained_on_and_allows_no_reduced_precision(tmp_path):
+def test_a_final_models_card_counts_the_frames_it_trained_on_and_allows_no_reduced_precision(tmp_path, capsys):
     final = fit_on_fixture(tmp_path, "final", final=True)
-    printed = quantize_in_a_process("--checkpoint", str(final))
+    assert main(["quantize", "--data", str(CAMVID), "--checkpoint", str(final), "--workers", "0"]) == 0
+    printed = capsys.readouterr().out
     card = read_card(final, load_checkpoint(final).sha256)
     assert card.held_out["trained_on"] == 2 == card.held_out["images"]  # valid.txt: both frames trained on
     for precision in set(card.scores) - {"fp32"}:
@@ -71,14 +62,17 @@ def test_a_final_models_card_counts_the_frames_it_trained_on_and_allows_no_reduc
     assert "(2 of them trained on)" in printed
     # the same weights, recorded as trained without valid.txt: held out, so judged on its own scores
     held = fit_on_fixture(tmp_path, "held")
-    quantize_in_a_process("--checkpoint", str(held))
+    assert main(["quantize", "--data", str(CAMVID), "--checkpoint", str(held), "--workers", "0"]) == 0
+    capsys.readouterr()
     assert read_card(held, load_checkpoint(held).sha256).held_out["trained_on"] == 0
 
 
 def test_twin_judges_a_final_model_on_the_frames_the_twin_never_saw(tmp_path, capsys):
     final = fit_on_fixture(tmp_path, "final", final=True)
     twin = fit_on_fixture(tmp_path, "twin", holdout_drive="0006R0")  # the fixture holds one frame of 0006R0
-    printed = quantize_in_a_process("--checkpoint", str(final), "--twin", str(twin))
+    assert main(["quantize", "--data", str(CAMVID), "--checkpoint", str(final), "--twin", str(twin),
+                 "--workers", "0"]) == 0
+    printed = capsys.readouterr().out
     card = read_card(final, load_checkpoint(final).sha256)
     judge = card.judged_on
     assert (judge["checkpoint"], judge["split"], judge["images"]) == (str(twin), "valid: held-out drive 0006R0", 1)
