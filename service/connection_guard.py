@@ -47,10 +47,11 @@ def raise_open_file_limit() -> tuple[int, int]:
     return soft, resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-def default_max_connections(open_files: int) -> int:
+def default_max_connections(open_files: int, streams: int = 0) -> int:
     """Room under the open-file limit for the model, logs, the runtime's and codec threads' files and a burst of
-    accepts before the oldest connections are closed: an eighth of it, at least 128; at most 16,384."""
-    return max(16, min(16384, open_files - max(128, open_files // 8)))
+    accepts before the oldest connections are closed (an eighth of it, at least 128), and for `streams` WebSockets
+    (which leave this book once upgraded: slots.py counts them); at most 16,384."""
+    return max(16, min(16384, open_files - max(128, open_files // 8) - streams))
 
 
 class Guard:

@@ -75,7 +75,7 @@ class GuardedConnection:
         super().connection_lost(exc)
 
     def handle_websocket_upgrade(self, *args) -> None:
-        if self.guard is not None:  # the WebSocket protocol takes the transport over: no longer an HTTP head
+        if self.guard is not None:  # the WebSocket protocol takes the transport over (SEGMENT_MAX_STREAMS caps those)
             self.cancel_deadline()
             self.guard.leave(self)
             self.guard = None

@@ -16,6 +16,7 @@ from .batcher import Batcher
 from .errors import UploadError
 from .predictor import Predictor
 from .settings import Settings
+from .slots import Slots
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,8 @@ class State:
         self.codec: ThreadPoolExecutor | None = None  # decodes uploads, encodes masks (and postprocesses on a CPU)
         self.large: ThreadPoolExecutor | None = None  # the same for large uploads, one at a time: they never queue
         # ahead of small ones
+        self.streams = Slots("websocket", settings.max_streams)  # open WebSocket streams (stream.py)
+        self.videos = Slots("video", settings.max_videos)  # clips being uploaded or segmented (video.py)
         self.ready = False
         self.draining = False  # SIGTERM came: /ready answers 503 while requests are still served (shutdown.py)
 

@@ -63,6 +63,8 @@ SERVING = Gauge("segment_serving", "1 for each model served, with its backend (r
 MODEL_IMAGES = Counter("segment_model_images_total", "images segmented, by the model that did (only models "
                        "served: bounded)", ["model"], registry=REGISTRY)
 OPEN_CONNECTIONS = Gauge("segment_open_connections", "HTTP connections open", registry=REGISTRY)
+OPEN_STREAMS = Gauge("segment_open_streams", "long-lived requests open, by kind: websocket (/segment/stream), video "
+                     "(/segment/video); capped by SEGMENT_MAX_STREAMS, SEGMENT_MAX_VIDEOS", ["kind"], registry=REGISTRY)
 MAX_CONNECTIONS = Gauge("segment_max_connections", "the cap on open HTTP connections", registry=REGISTRY)
 INFERENCE_SECONDS = Histogram(
     "segment_inference_seconds",

@@ -67,6 +67,14 @@ class Settings(BaseSettings):
     max_video_fps: float = Field(30.0, gt=0, description="POST /segment/video: most frames sampled per second")
     video_body_timeout_s: float = Field(300.0, gt=0, description="POST /segment/video: the longest a clip may take "
                                         "to arrive (408 beyond)")
+    max_videos: int = Field(4, ge=1, le=1024, description="POST /segment/video: clips being uploaded or segmented "
+                            "at once, each spooling up to max_video_bytes to the temporary folder; beyond it 503, "
+                            "before the body is read")
+    max_streams: int = Field(32, ge=1, le=4096, description="WebSocket streams (/segment/stream) open at once, each "
+                             "holding at most two frames of max_upload_bytes; beyond it a new stream is closed with "
+                             "code 1013 (try again later)")
+    stream_idle_s: float = Field(60.0, gt=0, description="a WebSocket stream that sends no frame for this long is "
+                                 "closed (code 1000), so idle clients do not hold the max_streams places")
     max_pixels: int = Field(40_000_000, ge=1, description="image pixel cap, checked before decoding (413)")
     max_aspect_ratio: float = Field(20.0, ge=1, description="longest side over shortest, checked before decoding "
                                     "(422): a 1x4,000,000 strip is no photo, and would cost gigabytes to resize")
@@ -84,8 +92,8 @@ class Settings(BaseSettings):
     max_connections: int = Field(
         0, ge=0, description="open HTTP connections; at the cap a new one closes the oldest idle or still-sending-"
                              "its-head connection, and is refused (503) only when all have requests in flight. 0: "
-                             "derived from the open-file limit (raised to its hard limit at start-up): an eighth "
-                             "of it, at least 128, kept for other files; at most 16,384")
+                             "derived from the open-file limit (raised to its hard limit at start-up), less an eighth "
+                             "of it (at least 128) kept for other files and less max_streams; at most 16,384")
     shutdown_delay_s: float = Field(
         0.0, ge=0, le=300, description="on SIGTERM, how long /ready answers 503 while requests are still accepted "
                                        "and served, before the server stops accepting: set it above your load "
@@ -129,7 +137,7 @@ class Settings(BaseSettings):
         from .connection_guard import Limits, default_max_connections
 
         return Limits(self.header_timeout_s, self.max_request_line, self.max_header_fields, self.max_header_bytes,
-                      self.max_connections or default_max_connections(open_files))
+                      self.max_connections or default_max_connections(open_files, self.max_streams))
 
     def codec_thread_count(self) -> int:
         """codec_threads, or with 0 half of the cores this process may run on (its CPU set), at least 1."""

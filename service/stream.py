@@ -7,7 +7,12 @@ older one still waiting is dropped: `dropped` counts the frames dropped since th
 plus dropped frames always equal the frames sent, and an answer's latency is one forward, never a backlog. A frame
 that cannot be segmented gets `{"frame", "dropped", "error": {"detail", "code"}}` and the stream goes on. Keys
 apply (`Authorization: Bearer KEY`, `X-API-Key: KEY`, or `?key=KEY` for browsers, which cannot set headers on a
-WebSocket); without a valid one the socket closes with code 1008. Each message is capped by the upload cap.
+WebSocket); without a valid one the socket closes with code 1008. Each message is capped by the upload cap, and
+at most `SEGMENT_MAX_STREAMS` streams are open at once: beyond it a new one closes with code 1013 (try again later).
+A stream that sends no frame for `SEGMENT_STREAM_IDLE_S` closes (code 1000, with the reason), so idle clients cannot
+hold those places.
+Refusals come after the handshake is accepted, so that the close code and its reason reach the client: a browser
+sees neither when the handshake itself is refused (an HTTP 403, and a 1006 close).
 """
 
 from __future__ import annotations
@@ -89,13 +94,26 @@ async def segment_one(state: State, data: bytes | None, masks: bool) -> dict:
 @router.websocket("/segment/stream")
 async def stream(websocket: WebSocket, masks: bool = False):
     state: State = websocket.app.state.segment
+    await websocket.accept()
     if not authorised(websocket, state):
-        await websocket.close(code=1008, reason="a valid API key is needed")
+        await websocket.close(code=1008, reason="a valid API key is needed: 'Authorization: Bearer KEY', "
+                                                "'X-API-Key: KEY' or ?key=KEY")
         return
     if not state.ready:
         await websocket.close(code=1013, reason="the model is still loading; retry shortly")
         return
-    await websocket.accept()
+    slot = state.streams.take()
+    if slot is None:
+        await websocket.close(code=1013, reason=f"the server holds its limit of {state.streams.limit} streams "
+                                                "(SEGMENT_MAX_STREAMS); retry shortly")
+        return
+    try:
+        await serve(websocket, state, masks)
+    finally:
+        slot.release()
+
+
+async def serve(websocket: WebSocket, state: State, masks: bool) -> None:
     mailbox = Mailbox()
 
     async def receive() -> None:
@@ -114,8 +132,17 @@ async def stream(websocket: WebSocket, masks: bool = False):
             mailbox.arrived.set()
 
     receiver = asyncio.create_task(receive())
+    idle_s = state.settings.stream_idle_s
     try:
-        while (taken := await mailbox.take()) is not None:
+        while True:
+            try:
+                async with asyncio.timeout(idle_s):  # only while no frame waits: a forward never counts
+                    taken = await mailbox.take()
+            except TimeoutError:
+                await websocket.close(code=1000, reason=f"no frame for {idle_s:g} s (SEGMENT_STREAM_IDLE_S)")
+                break
+            if taken is None:
+                break
             index, data, dropped = taken
             try:
                 answer = await segment_one(state, data, masks)

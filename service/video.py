@@ -10,9 +10,12 @@ with each sampled frame's mask blended over it.
 Bounded by design: the upload is spooled to a temporary file while it streams in (`SEGMENT_MAX_VIDEO_BYTES`), the
 duration (`SEGMENT_MAX_VIDEO_SECONDS`) and frame size (the pixel and aspect caps) are read from the container's
 header before any frame is decoded, and frames are decoded one at a time (memory stays flat whatever the clip's
-length). Bytes that are no video: 415; no video stream (audio only): 422; a clip whose first frame cannot be
-decoded: 422; one that breaks later: the lines done so far, then `{"error": {...}}`. A client that disconnects
-stops the decoding at once. Decoding is PyAV's (FFmpeg's libraries in its wheels).
+length). At most `SEGMENT_MAX_VIDEOS` clips are uploaded or segmented at once (503 `too_many_videos` beyond, before
+any byte is read), so the spool files together stay under that times the byte cap. Bytes that are no video: 415;
+no video stream (audio only): 422; a clip whose first frame cannot be decoded: 422; one that breaks later: the lines
+done so far, then `{"error": {...}}`. A client that disconnects stops the decoding at once; the clip's decoder is
+closed after the frame being decoded (FFmpeg's structures are not freed under a running decode), off the event
+loop. Decoding is PyAV's (FFmpeg's libraries in its wheels).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Annotated
@@ -40,6 +44,7 @@ from .deps import ReadyDep, State, require_key
 from .errors import UploadError
 from .pipeline import Options
 from .routes import ERRORS
+from .slots import Slot
 from .upload import SpooledPart, read_multipart
 
 router = APIRouter()
@@ -80,20 +85,66 @@ class Clip:
         self.interval = 1 / min(fps or rate, s.max_video_fps, rate)
         self.frames = self.container.decode(self.stream)
         self.next_time, self.index, self.seconds = 0.0, 0, seconds
+        self.lock, self.closed = threading.Lock(), False  # held while a frame is decoded: close waits for it
 
     def next_frame(self):
-        """(index, time in seconds, (H, W, 3) RGB array) of the next sampled frame; None at the end."""
-        for frame in self.frames:
-            t = float(frame.time or 0.0)
-            if t + 1e-6 < self.next_time:
-                continue
-            self.next_time = max(self.next_time + self.interval, t)
-            self.index += 1
-            return self.index - 1, t, frame.to_ndarray(format="rgb24")
-        return None
+        """(index, time in seconds, (H, W, 3) RGB array) of the next sampled frame; None at the end or once closed."""
+        with self.lock:
+            if self.closed:
+                return None
+            for frame in self.frames:
+                t = float(frame.time or 0.0)
+                if t + 1e-6 < self.next_time:
+                    continue
+                self.next_time = max(self.next_time + self.interval, t)
+                self.index += 1
+                return self.index - 1, t, frame.to_ndarray(format="rgb24")
+            return None
 
     def close(self) -> None:
-        self.container.close()
+        """Once, after the frame being decoded in another thread (if any): blocks for it, so not on the event loop."""
+        with self.lock:
+            if not self.closed:
+                self.closed = True
+                self.container.close()
+
+
+class Job:
+    """One clip's resources: its place under SEGMENT_MAX_VIDEOS, its spool file, and once opened its decoder.
+    `end` frees them all, once however often it is called, without blocking the event loop."""
+
+    def __init__(self, state: State, slot: Slot):
+        self.state, self.slot, self.clip = state, slot, None
+        fd, name = tempfile.mkstemp(prefix="segment-video-", suffix=".part")
+        self.spool, self.file = Path(name), os.fdopen(fd, "wb")
+
+    def free(self) -> None:
+        self.file.close()
+        if self.clip is not None:
+            self.clip.close()
+        self.spool.unlink(missing_ok=True)
+        self.slot.release()
+
+    def end(self) -> None:
+        try:
+            self.state.codec.submit(self.free)  # the codec threads decode the frames: the close waits for one
+        except RuntimeError:  # the codec threads have shut down: nothing decodes any more
+            self.free()
+
+
+class JobResponse(StreamingResponse):
+    """A streamed answer that frees its clip's resources however it ends: Starlette may cancel the answer before its
+    generator ever ran (a client gone at once), and a generator that never started runs no `finally`."""
+
+    def __init__(self, content, job: Job, media_type: str):
+        super().__init__(content, media_type=media_type)
+        self.job = job
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.end()
 
 
 def line(payload: dict) -> bytes:
@@ -127,8 +178,9 @@ def failure(e: Exception) -> dict:
     return {"detail": f"the clip could not be decoded further ({type(e).__name__}: {e})", "code": "corrupt_video"}
 
 
-async def frames_ndjson(state: State, clip: Clip, first, spool: Path, masks: bool):
-    """The NDJSON lines; the clip and its spool are closed and removed however this ends (a disconnect included)."""
+async def frames_ndjson(state: State, job: Job, first, masks: bool):
+    """The NDJSON lines; the job is ended however this ends (a disconnect included)."""
+    clip = job.clip
     t0, sums, done, names = time.perf_counter(), None, 0, state.predictor.meta.classes.names
     try:
         async for index, t, _, result in segmented(state, clip, first):
@@ -147,16 +199,15 @@ async def frames_ndjson(state: State, clip: Clip, first, spool: Path, masks: boo
     except Exception as e:
         yield line({"error": failure(e)})
     finally:
-        clip.close()
-        spool.unlink(missing_ok=True)
+        job.end()
 
 
-async def overlay_mp4(state: State, clip: Clip, first, spool: Path, alpha: float):
+async def overlay_mp4(state: State, job: Job, first, alpha: float):
     """The clip again, H.264 in fragmented MP4 (playable while it streams), each sampled frame with its mask
     blended over it; chunks as the encoder writes them. A clip that breaks mid-way ends early."""
     import av
 
-    buffer, colours = io.BytesIO(), np.array(state.predictor.meta.classes.colors, np.float32)
+    clip, buffer, colours = job.clip, io.BytesIO(), np.array(state.predictor.meta.classes.colors, np.float32)
     rate = max(1, round(1 / clip.interval))
     try:
         with av.open(buffer, "w", format="mp4", options={"movflags": "frag_keyframe+empty_moov"}) as out:
@@ -181,8 +232,7 @@ async def overlay_mp4(state: State, clip: Clip, first, spool: Path, alpha: float
     except Exception as e:  # the answer has started: the error can only end it (and the log says why)
         log.warning("clip overlay cut short: %s", failure(e)["detail"])
     finally:
-        clip.close()
-        spool.unlink(missing_ok=True)
+        job.end()
 
 
 @router.post("/segment/video", dependencies=[Depends(require_key)],
@@ -197,23 +247,28 @@ async def segment_video(request: Request, state: ReadyDep,
     if state.batcher.at_capacity():
         raise UploadError(503, "overloaded", f"{s.queue_size} requests are already waiting; retry shortly",
                           {"Retry-After": "1"})
-    fd, name = tempfile.mkstemp(prefix="segment-video-", suffix=".part")
-    spool = Path(name)
+    slot = state.videos.take()
+    if slot is None:
+        raise UploadError(503, "too_many_videos", f"{state.videos.limit} clips are already being uploaded or "
+                          "segmented (SEGMENT_MAX_VIDEOS); retry shortly", {"Retry-After": "5"})
+    job = None
     try:
-        with os.fdopen(fd, "wb") as f:
-            await read_multipart(request, s.max_video_bytes, s.video_body_timeout_s, SpooledPart("video", f))
-        clip = await asyncio.to_thread(Clip, spool, state, fps)
+        job = Job(state, slot)
+        with job.file:
+            await read_multipart(request, s.max_video_bytes, s.video_body_timeout_s, SpooledPart("video", job.file))
+        job.clip = await asyncio.to_thread(Clip, job.spool, state, fps)
         try:
-            first = await asyncio.to_thread(clip.next_frame)
+            first = await asyncio.to_thread(job.clip.next_frame)
         except Exception as e:
-            clip.close()
             raise UploadError(422, "corrupt_video", f"the first frame could not be decoded ({e})") from None
         if first is None:
-            clip.close()
             raise UploadError(422, "corrupt_video", "the clip has no frame that could be decoded")
     except BaseException:
-        spool.unlink(missing_ok=True)
+        if job is None:
+            slot.release()
+        else:
+            job.end()
         raise
     if "video/mp4" in request.headers.get("accept", ""):
-        return StreamingResponse(overlay_mp4(state, clip, first, spool, s.overlay_alpha), media_type="video/mp4")
-    return StreamingResponse(frames_ndjson(state, clip, first, spool, masks), media_type="application/x-ndjson")
+        return JobResponse(overlay_mp4(state, job, first, s.overlay_alpha), job, "video/mp4")
+    return JobResponse(frames_ndjson(state, job, first, masks), job, "application/x-ndjson")

@@ -128,7 +128,8 @@ def test_a_client_that_disconnects_mid_clip_stops_the_decoding(checkpoint, tmp_p
     data = clip(seconds=120, rate=10)  # 1,200 frames: seconds of work left when the client leaves
     proc, base, env = start_service({"SEGMENT_CHECKPOINT": str(checkpoint), "SEGMENT_DEVICE": "cpu",
                                      "SEGMENT_BACKEND": "torch", "SEGMENT_WARMUP_PASSES": "1",
-                                     "SEGMENT_LOG_LEVEL": "warning"}, stderr=subprocess.PIPE, text=True)
+                                     "SEGMENT_LOG_LEVEL": "warning", "TMPDIR": str(tmp_path)},
+                                    stderr=subprocess.PIPE, text=True)
     try:
         body = (b"--b\r\nContent-Disposition: form-data; name=\"video\"; filename=\"c.mp4\"\r\n\r\n" + data
                 + b"\r\n--b--\r\n")
@@ -142,6 +143,53 @@ def test_a_client_that_disconnects_mid_clip_stops_the_decoding(checkpoint, tmp_p
         time.sleep(3)
         assert cpu_seconds(proc.pid) - before < 0.5  # idle: nobody decodes or segments the rest of the clip
         assert httpx.get(f"{base}/health").status_code == 200
+        assert not list(tmp_path.glob("segment-video-*")) and open_videos(base) == 0  # the spool and place freed
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert "Traceback" not in proc.stderr.read()
+
+
+def open_videos(base: str) -> float:
+    metrics = httpx.get(f"{base}/metrics").text
+    return float(next(x for x in metrics.splitlines() if x.startswith('segment_open_streams{kind="video"}')).split()[1])
+
+
+def test_clips_beyond_the_cap_are_refused_before_their_bytes_and_an_abandoned_upload_frees_its_place(
+        checkpoint, tmp_path):  # noqa: F811
+    import socket
+    import subprocess
+    import time
+
+    from tests.live import start_service
+
+    proc, base, env = start_service({"SEGMENT_CHECKPOINT": str(checkpoint), "SEGMENT_DEVICE": "cpu",
+                                     "SEGMENT_BACKEND": "torch", "SEGMENT_WARMUP_PASSES": "0",
+                                     "SEGMENT_LOG_LEVEL": "warning", "SEGMENT_MAX_VIDEOS": "1",
+                                     "TMPDIR": str(tmp_path)}, stderr=subprocess.PIPE, text=True)
+
+    def until(done) -> None:
+        deadline = time.monotonic() + 20
+        while not done():
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+
+    try:
+        slow = socket.create_connection(("127.0.0.1", int(env["SEGMENT_PORT"])), timeout=30)
+        slow.sendall(b"POST /segment/video HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                     b"Content-Length: 100000000\r\n\r\n--b\r\nContent-Disposition: form-data; name=\"video\"; "
+                     b"filename=\"c.mp4\"\r\n\r\n" + b"\0" * 65536)  # 100 MB promised, 64 KiB sent so far
+        until(lambda: open_videos(base) == 1 and list(tmp_path.glob("segment-video-*.part")))
+        data = clip(seconds=0.3)
+        refused = httpx.post(f"{base}/segment/video", files={"video": ("x.mp4", data)}, timeout=30)
+        assert refused.status_code == 503 and refused.json()["code"] == "too_many_videos"
+        assert "SEGMENT_MAX_VIDEOS" in refused.json()["detail"] and refused.headers["retry-after"] == "5"
+        assert len(list(tmp_path.glob("segment-video-*"))) == 1  # the refused clip spooled nothing
+        slow.close()  # the client gives up mid-upload: its spool goes, its place comes back
+        until(lambda: open_videos(base) == 0 and not list(tmp_path.glob("segment-video-*")))
+        r = httpx.post(f"{base}/segment/video", files={"video": ("x.mp4", data)}, timeout=60)
+        assert r.status_code == 200 and json.loads(r.text.splitlines()[-1])["summary"]["frames"] == 3
+        until(lambda: open_videos(base) == 0 and not list(tmp_path.glob("segment-video-*")))
     finally:
         proc.terminate()
         proc.wait(30)
