@@ -39,9 +39,13 @@ class Predictor:
 
     @classmethod
     def load(cls, path: Path, device: str = "auto", precision: str = "auto", backend: str = "torch",
-             cache_dir: Path | None = None, streams: int = 0, tta: str = "none") -> Predictor:
+             cache_dir: Path | None = None, streams: int = 0, tta: str = "none", named: Path | None = None
+             ) -> Predictor:
+        """`named`: where the file will be served from, when it is read from elsewhere first (an upload being
+        checked): its precision card and int8 model are looked up beside that name."""
         dev = resolve_device(device, option="SEGMENT_DEVICE")
         checkpoint = load_checkpoint(path, "cpu")
+        checkpoint.path = named or checkpoint.path
         return cls(checkpoint, select_backend(checkpoint, dev, pick_dtype(precision, dev), backend, cache_dir,
                                               streams, precision), tta)
 

@@ -48,12 +48,16 @@ async def require_admin_key(settings: SettingsDep,
                           "Bearer KEY' or 'X-API-Key: KEY'", {"WWW-Authenticate": "Bearer"})
 
 
-async def load(state: State, path: Path) -> Predictor:
-    """A checkpoint loaded and warmed as at start-up (runtimes, precision card, parity), not yet serving."""
+async def load(state: State, path: Path, named: Path | None = None) -> Predictor:
+    """A checkpoint loaded and warmed as at start-up (runtimes, precision card, parity), not yet serving; `named`:
+    the path it will be served from, when that is not `path` (its card is looked up there)."""
     s = state.settings
     predictor = await asyncio.to_thread(Predictor.load, path, s.device, s.precision, s.backend, s.cache_dir,
-                                        s.inference_streams, s.tta)
+                                        s.inference_streams, s.tta, named)
     await asyncio.to_thread(predictor.warmup, s.warmup_passes, s.batch_size_for(predictor.device))
+    from .app import trim_heap
+
+    trim_heap()  # what choosing its runtime dropped
     return predictor
 
 
@@ -109,8 +113,9 @@ async def sync_models_dir(state: State) -> dict[str, str]:
     return outcome
 
 
-async def put(state: State, name: str, path: Path) -> str:
-    """Serve `path` as model `name` (beside its current version, if any, then switched); the outcome in words."""
+async def put(state: State, name: str, path: Path, named: Path | None = None) -> str:
+    """Serve `path` as model `name` (beside its current version, if any, then switched); the outcome in words.
+    `named`: where `path` will be moved once served (an upload), so its precision card is the one beside that."""
     from .app import serve
 
     s = state.settings
@@ -126,7 +131,7 @@ async def put(state: State, name: str, path: Path) -> str:
     try:
         if current is not None and await asyncio.to_thread(file_sha256, path) == current.predictor.checkpoint.sha256:
             return "unchanged"
-        predictor = await load(state, path)
+        predictor = await load(state, path, named)
     except Exception as e:  # a pickled .pth renamed, a foreign or truncated file: listed, never a failed start
         why = f"{type(e).__name__}: {e}"
         if current is None:
@@ -171,12 +176,11 @@ async def put_route(name: str, request: Request, state: ReadyDep):
             await read_body(request, s.max_model_bytes, s.body_timeout_s * 10, f.write)
         async with state.swap_lock:
             await asyncio.to_thread(read_meta, upload)  # refused before it replaces anything
-            outcome = await put(state, name, upload)
+            target = s.models_dir / f"{name}.safetensors"
+            outcome = await put(state, name, upload, named=target)  # NAME.precision.json in the folder applies
             if outcome.startswith("failed"):
                 raise UploadError(422, "bad_checkpoint", f"{outcome.removeprefix('failed: ')}; nothing changed")
-            target = s.models_dir / f"{name}.safetensors"
             os.replace(upload, target)  # the folder says what serves, for the next start or reload
-            state.others[name].predictor.checkpoint.path = target
             publish(state)
     except CheckpointError as e:
         raise UploadError(422, "bad_checkpoint", f"{e}; nothing changed") from None

@@ -167,3 +167,28 @@ def test_auto_times_the_eligible_reduced_precisions_beside_fp32(shipped, tmp_pat
     expected = {"openvino"} | {f"openvino-{'bfloat16' if x == 'bf16' else x}" for x in eligible}
     assert timed == expected, timing
     assert p.precision in {"float32", "bfloat16", "int8"}
+
+
+@pytest.mark.skipif("int8" not in precision.native_precisions(), reason="this CPU has no VNNI or AMX")
+def test_a_model_put_at_run_time_is_served_with_the_card_waiting_for_it_in_the_folder(shipped, tmp_path):
+    """PUT /models/NAME checks the upload under a temporary name; its card is the one beside the name it will have
+    (NAME.precision.json), so it serves int8 at once, not fp32 until a restart (a reload sees the same sha256)."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    shutil.copy(card_path(shipped), folder / "street.precision.json")
+    shutil.copy(int8_path(shipped), folder / int8_path(shipped).name)  # the file the card names
+    settings = Settings(checkpoint=shipped, models_dir=folder, device="cpu", backend="openvino", precision="int8",
+                        cache_dir=tmp_path, warmup_passes=0, admin_keys="admin")
+    with TestClient(create_app(settings)) as client:
+        put = client.put("/models/street", content=shipped.read_bytes(), headers={"X-API-Key": "admin"})
+        assert put.status_code == 200 and put.json()["outcome"] == "loaded", put.text
+        street = next(m for m in client.get("/models").json()["models"] if m["name"] == "street")
+        assert (street["backend"], street["precision"]) == ("openvino", "int8")
+        mask, body = served_by(client, "street", SANITY_PHOTO.read_bytes())
+        assert body["model"]["precision"] == "int8" and mask.size == 480 * 360
+
+
+def served_by(client, model: str, data: bytes) -> tuple[np.ndarray, dict]:
+    r = client.post(f"/segment?model={model}", files={"image": ("x.jpg", data, "image/jpeg")})
+    assert r.status_code == 200, r.text
+    return np.array(Image.open(io.BytesIO(base64.b64decode(r.json()["mask"])))), r.json()
