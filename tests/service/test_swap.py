@@ -78,9 +78,10 @@ def test_a_reload_swaps_the_model_under_load_without_losing_a_request(checkpoint
     assert answers and all(status == 200 for status, _ in answers), {s for s, _ in answers}
     served = [sha for _, sha in answers]
     assert set(served) == {old, new}
-    last_old = max(i for i, sha in enumerate(served) if sha == old)
     first_new = served.index(new)
-    assert last_old - first_new < 16  # one switch: at most the requests in flight straddle it
+    # one switch: after the first answer from the new model, only requests already in flight on the old one (at
+    # most one per client) come back from it. (How many new answers come between depends on the cores' load.)
+    assert served[first_new:].count(old) <= 8
     log = proc.stderr.read()
     assert "reload refused" in log and "Traceback" not in log
 
