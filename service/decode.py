@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -15,6 +16,10 @@ try:  # a project dependency; a host without it (a GPU host's own Python, say) d
     import imagecodecs
 except ImportError:
     imagecodecs = None
+
+# Pillow warns on opening an image of over 89 M pixels; this service checks its own cap (SEGMENT_MAX_PIXELS) right
+# after the header and answers 413, so the warning would only be a stray line on stderr a client can cause.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 # The Pillow plugins allowed to parse an upload. Their images come out as these formats, plus MPO: the multi-picture
 # JPEG many phone cameras write, which the JPEG plugin opens; its first picture is served.
