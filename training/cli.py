@@ -176,22 +176,7 @@ def _scoring_parser(sub, name: str, help: str, func) -> argparse.ArgumentParser:
     return p
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
-
-    t = sub.add_parser("train", help="train a U-Net and write a .safetensors checkpoint")
-    add_options(t)
-    t.set_defaults(func=cmd_train)
-
-    e = _scoring_parser(sub, "evaluate", "score a checkpoint on a split (void excluded)", cmd_evaluate)
-    e.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
-                   help="predict at this input size instead of the checkpoint's")
-    e.add_argument("--tta", default="none", choices=["none", "flip"],
-                   help="test-time augmentation, as the service's SEGMENT_TTA: flip averages the logits of each "
-                        "image and of its mirror image")
-    e.add_argument("--json", action="store_true", help="print one JSON object")
-
+def add_export(sub) -> None:
     x = sub.add_parser("export", help="write a serving model: .safetensors (optionally at another input size, "
                        "re-scored there, fp16) or a standalone ONNX file")
     add_options(x, ["device", "workers", "bs"])
@@ -208,6 +193,24 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--half", action="store_true", help="store fp16 weights (safetensors; half the file size)")
     x.set_defaults(func=cmd_export)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a U-Net and write a .safetensors checkpoint")
+    add_options(t)
+    t.set_defaults(func=cmd_train)
+
+    e = _scoring_parser(sub, "evaluate", "score a checkpoint on a split (void excluded)", cmd_evaluate)
+    e.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
+                   help="predict at this input size instead of the checkpoint's")
+    e.add_argument("--tta", default="none", choices=["none", "flip"],
+                   help="test-time augmentation, as the service's SEGMENT_TTA: flip averages the logits of each "
+                        "image and of its mirror image")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+
+    add_export(sub)
     add_quantize(sub)
 
     s = _scoring_parser(sub, "show", "grid of image | ground truth | prediction", cmd_show)
