@@ -60,6 +60,11 @@ class TrainConfig:
                                             "rare ones: Pole SignSymbol Fence Pedestrian Bicyclist)", nargs="+",
                                             metavar="NAME")
     focus_p: float = option(0.5, "share of the training crops centred on a --focus-classes pixel")
+    paste_classes: tuple[str, ...] = option((), "class names whose pixels are copied from another training frame onto "
+                                            "a share of the frames (copy-paste, e.g. Pole SignSymbol Fence Pedestrian "
+                                            "Bicyclist): rare objects seen in front of other streets", nargs="+",
+                                            metavar="NAME")
+    paste_p: float = option(0.5, "share of the training frames that get a --paste-classes donor's pixels")
     ema: float = option(0.0, "keep an exponential moving average of the weights with this decay (e.g. 0.99, warmed up "
                         "from 0 by timm's ModelEmaV3); it is what is validated and saved, the raw weights' scores are "
                         "logged beside it; 0: off", metavar="DECAY")

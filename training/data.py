@@ -257,19 +257,26 @@ Transform = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.
 
 class SegmentationDataset(Dataset):
     """(image, mask) pairs through a joint transform. Randomness is seeded per (seed, epoch, index), so a
-    run is repeatable whatever the number of workers; set `.epoch` before each epoch's DataLoader."""
+    run is repeatable whatever the number of workers; set `.epoch` before each epoch's DataLoader. `paste`
+    (training/transforms.py ClassPaste): with its probability, another of the pairs is drawn and its pixels of the
+    paste classes copied onto this one before the transform."""
 
-    def __init__(self, pairs: list[Pair], transform: Transform, seed: int = 0):
-        self.pairs, self.transform, self.seed, self.epoch = pairs, transform, seed, 0
+    def __init__(self, pairs: list[Pair], transform: Transform, seed: int = 0, paste=None):
+        self.pairs, self.transform, self.seed, self.epoch, self.paste = pairs, transform, seed, 0, paste
 
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _read(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         p = self.pairs[i]
-        image = read_image(p.image)
-        mask = torch.from_numpy(read_label(p.label).astype(np.int64))
+        return read_image(p.image), torch.from_numpy(read_label(p.label).astype(np.int64))
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, mask = self._read(i)
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + i)
+        if self.paste is not None and len(self.pairs) > 1 and torch.rand((), generator=g).item() < self.paste.p:
+            j = int(torch.randint(0, len(self.pairs) - 1, (), generator=g))
+            image, mask = self.paste(image, mask, *self._read(j + (j >= i)), g)  # any pair but this one
         return self.transform(image, mask, g)
 
 

@@ -31,7 +31,7 @@ from .data import CamVidFolder, SegmentationDataset, collate, image_size, open_f
 from .engine import Amp, Dist, evaluate, resolve_device, train_one_epoch
 from .losses import SegmentationLoss
 from .run import Phase, RunState, RunWriter, epoch_tag
-from .transforms import eval_transforms, half_size, train_transforms
+from .transforms import ClassPaste, eval_transforms, half_size, train_transforms
 
 log = logging.getLogger(__name__)
 
@@ -147,20 +147,26 @@ def build_teacher(config: TrainConfig, classes, device: torch.device) -> Teacher
     return Teacher(config.teacher, classes, mean, std, config.teacher_tta, device)
 
 
+def class_indices(flag: str, names: tuple[str, ...], classes) -> tuple[int, ...]:
+    unknown = [n for n in names if n not in classes.names]
+    if unknown:
+        raise ConfigError(f"{flag} {' '.join(unknown)}: not a class of this data; its classes are "
+                          f"{' '.join(classes.names)}")
+    return tuple(classes.names.index(n) for n in names)
+
+
 def augmentation_focus(config: TrainConfig, classes) -> tuple[int, ...]:
     """Checks the augmentation options (a bad value would otherwise fail mid-epoch, inside a loader worker) and returns
     the indices of the --focus-classes."""
     lo, hi = config.scale
     if not 0 < lo <= hi:
         raise ConfigError(f"--scale {lo:g} {hi:g}: give MIN MAX with 0 < MIN <= MAX (e.g. 0.5 2.0)")
-    for flag, value in (("--lighting", config.lighting), ("--colour", config.colour), ("--focus-p", config.focus_p)):
+    for flag, value in (("--lighting", config.lighting), ("--colour", config.colour), ("--focus-p", config.focus_p),
+                        ("--paste-p", config.paste_p)):
         if not 0 <= value <= 1:
             raise ConfigError(f"{flag} {value:g}: must be between 0 and 1")
-    unknown = [n for n in config.focus_classes if n not in classes.names]
-    if unknown:
-        raise ConfigError(f"--focus-classes {' '.join(unknown)}: not a class of this data; its classes are "
-                          f"{' '.join(classes.names)}")
-    return tuple(classes.names.index(n) for n in config.focus_classes)
+    class_indices("--paste-classes", config.paste_classes, classes)
+    return class_indices("--focus-classes", config.focus_classes, classes)
 
 
 def _loaders(folder: CamVidFolder, config: TrainConfig, size, mean, std, d: Dist, device) -> tuple:
@@ -168,8 +174,10 @@ def _loaders(folder: CamVidFolder, config: TrainConfig, size, mean, std, d: Dist
     augment = train_transforms(size, mean, std, ignore, tuple(config.scale), max_lighting=config.lighting,
                                colour=config.colour, focus=augmentation_focus(config, folder.classes),
                                p_focus=config.focus_p)
+    paste = ClassPaste(class_indices("--paste-classes", config.paste_classes, folder.classes), config.paste_p) \
+        if config.paste_classes and config.paste_p > 0 else None
     pairs = folder.pairs("train") + (folder.pairs("valid") if config.final else [])
-    train_ds = SegmentationDataset(pairs, augment, config.seed)
+    train_ds = SegmentationDataset(pairs, augment, config.seed, paste)
     valid_ds = SegmentationDataset(folder.pairs("valid"), eval_transforms(size, mean, std))
     sampler = DistributedSampler(train_ds, num_replicas=d.world, rank=d.rank, shuffle=True, seed=config.seed)
     common = dict(num_workers=config.workers, collate_fn=collate, pin_memory=device.type == "cuda")

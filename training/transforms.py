@@ -111,6 +111,27 @@ class RandomLighting:
         return image, mask
 
 
+class ClassPaste:
+    """Copy-paste of rare classes between training frames (the simple copy-paste of Ghiasi et al. 2021, with
+    ClassMix's class masks, Olsson et al. 2021): the pixels of `classes` in a donor frame (resized to this frame's
+    size, mirrored at random) replace this frame's pixels there, image and label alike, at the same place in the
+    frame. Cyclists, signs and pedestrians are then seen in front of other streets, not only the ones they were
+    labelled in. The dataset draws the donor, with probability `p`, before the other transforms."""
+
+    def __init__(self, classes: tuple[int, ...], p: float = 0.5):
+        self.classes, self.p = torch.tensor(classes, dtype=torch.long), p
+
+    def __call__(self, image, mask, donor_image, donor_mask, g):
+        h, w = image.shape[-2:]
+        if donor_image.shape[-2:] != (h, w):
+            donor_image = F.resize(donor_image, [h, w], interpolation=BILINEAR, antialias=True)
+            donor_mask = F.resize(donor_mask[None], [h, w], interpolation=NEAREST)[0]
+        if torch.rand((), generator=g).item() < 0.5:
+            donor_image, donor_mask = donor_image.flip(-1), donor_mask.flip(-1)
+        pasted = torch.isin(donor_mask, self.classes)
+        return torch.where(pasted, donor_image, image), torch.where(pasted, donor_mask, mask)
+
+
 class Resize:
     """Resize the image (bilinear) to `size`, and the mask too (nearest) when `mask` is set."""
 

@@ -315,6 +315,26 @@ def test_final_trains_on_train_and_valid_and_keeps_the_last_epoch(tmp_path):
     assert meta.train["final"] is True and meta.train["focus_classes"] == ["Pole", "Bicyclist"]
 
 
+def test_paste_classes_put_other_frames_people_into_the_training_frames(tmp_path):
+    """--paste-classes: the training set's frames carry pixels of those classes copied from other frames (image and
+    label together), which the run records; validation frames are never touched."""
+    config = TrainConfig(data=CAMVID, out=tmp_path / "p.safetensors", run_dir=tmp_path / "p", epochs=1,
+                         freeze_epochs=0, encoder_weights="none", paste_classes=("Pedestrian", "Bicyclist"),
+                         paste_p=1.0, size=(48, 64), **SMALL)
+    folder = open_folder(CAMVID)
+    args = (folder, config, (48, 64), (0.5,) * 3, (0.5,) * 3, Dist(), torch.device("cpu"))
+    train_ds, valid = training.trainer._loaders(*args)[0], training.trainer._loaders(*args)[3]
+    assert train_ds.paste is not None and valid.dataset.dataset.paste is None
+    train_ds.transform = lambda image, mask, g: (image, mask)  # the pasted frame, before crops and jitter
+    pasted = torch.stack([train_ds[i][1] for i in range(len(train_ds))])
+    raw = torch.stack([train_ds._read(i)[1] for i in range(len(train_ds))])
+    people = torch.tensor([folder.classes.names.index("Pedestrian"), folder.classes.names.index("Bicyclist")])
+    changed = pasted != raw
+    assert changed.any() and torch.isin(pasted[changed], people).all()  # only people were added
+    fit(config)
+    assert load_checkpoint(config.out).meta.train["paste_classes"] == ["Pedestrian", "Bicyclist"]
+
+
 def test_bad_augmentation_options_fail_before_anything_is_written(tmp_path, capsys):
     out = tmp_path / "x.safetensors"
     assert main(["train", "--data", str(CAMVID), "--out", str(out), "--run-dir", str(tmp_path / "x"),
@@ -325,6 +345,8 @@ def test_bad_augmentation_options_fail_before_anything_is_written(tmp_path, caps
     for flags, message in ((["--colour", "2"], "--colour 2: must be between 0 and 1"),
                            (["--lighting", "-0.1"], "--lighting -0.1: must be between 0 and 1"),
                            (["--focus-p", "1.5"], "--focus-p 1.5: must be between 0 and 1"),
+                           (["--paste-p", "-1"], "--paste-p -1: must be between 0 and 1"),
+                           (["--paste-classes", "Bike"], "--paste-classes Bike: not a class of this data"),
                            (["--scale", "2", "0.5"], "--scale 2 0.5: give MIN MAX with 0 < MIN <= MAX")):
         assert main(["train", "--data", str(CAMVID), "--out", str(out), "--run-dir", str(tmp_path / "x"), *flags,
                      "--encoder-weights", "none", "--workers", "0"]) == 2

@@ -3,6 +3,7 @@ import torch
 from models.classes import distinct_color
 from training.transforms import (
     NEAREST,
+    ClassPaste,
     Compose,
     RandomCrop,
     RandomHFlip,
@@ -96,6 +97,30 @@ def test_focus_crops_are_placed_around_pixels_of_the_focus_classes():
     assert 0.4 < share < 0.65
     # an image without any focus pixel is cropped as usual
     assert focused(image, torch.zeros_like(mask), g)[1].shape == (64, 64)
+
+
+def test_class_paste_copies_the_donors_pixels_of_those_classes_and_nothing_else():
+    # this frame: class 0 everywhere, grey; the donor: a 4x3 "cyclist" (class 10) and a "car" (class 8) block
+    image = torch.full((3, 20, 30), 100, dtype=torch.uint8)
+    mask = torch.zeros(20, 30, dtype=torch.long)
+    donor = torch.full((3, 20, 30), 7, dtype=torch.uint8)
+    donor_mask = torch.full((20, 30), IGNORE, dtype=torch.long)
+    donor_mask[5:9, 2:5] = 10
+    donor_mask[10:20, 10:20] = 8
+    donor[:, 5:9, 2:5] = 200
+    paste = ClassPaste((10,), p=1.0)
+    seen = set()
+    for seed in range(8):
+        out, out_mask = paste(image, mask, donor, donor_mask, torch.Generator().manual_seed(seed))
+        cyclist = out_mask == 10
+        assert cyclist.sum() == 12 and (out_mask[~cyclist] == 0).all()  # the car and the donor's Void stay behind
+        assert (out[:, cyclist] == 200).all() and (out[:, ~cyclist] == 100).all()  # image and label move together
+        seen.add(int(cyclist.nonzero()[0, 1]))  # the cyclist's left edge: in place or mirrored
+    assert seen == {2, 30 - 5}
+    # a donor of another size is resized to this frame first
+    out, out_mask = paste(image, mask, donor[:, ::2, ::2].contiguous(), donor_mask[::2, ::2].contiguous(),
+                          torch.Generator().manual_seed(0))
+    assert out.shape == image.shape and out_mask.shape == mask.shape and (out_mask == 10).any()
 
 
 def test_colour_jitter_changes_the_image_and_never_the_mask():
