@@ -26,8 +26,9 @@ class Settings(BaseSettings):
                                     "the default one, each as `?model=STEM` (GET /models lists them)")
     models_watch_s: float = Field(0.0, ge=0, description="every so many seconds, reload when SEGMENT_CHECKPOINT or a "
                                   "file of SEGMENT_MODELS_DIR changed (as POST /models/reload does); 0: off")
-    max_model_bytes: int = Field(1024 * 1024 * 1024, ge=1024, description="cap on a checkpoint uploaded with "
-                                 "PUT /models/NAME (413 beyond, counted while it streams)")
+    max_model_bytes: int = Field(1024 * 1024 * 1024, ge=1024, description="cap on a checkpoint (with its "
+                                 "precision card and int8 model) uploaded with PUT /models/NAME (413 beyond, counted "
+                                 "while it streams)")
     max_models: int = Field(4, ge=1, le=64, description="most models loaded at once, the default one included; each "
                             "holds its weights, runtime sessions and an inference thread")
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: CUDA when present")

@@ -14,9 +14,11 @@ SEGMENT_CHECKPOINT (atomic on one filesystem), then `curl -X POST -H "X-API-Key:
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import re
+import shutil
 import uuid
 from pathlib import Path
 from typing import Annotated
@@ -25,12 +27,13 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials
 
 from models.checkpoint import CheckpointError, file_sha256, read_meta
+from models.precision import CardError, card_path, int8_path, read_card
 
 from .deps import ReadyDep, Served, SettingsDep, State, api_key_header, bearer, key_matches
 from .errors import UploadError
 from .predictor import Predictor
 from .schemas import ErrorBody
-from .upload import read_body
+from .upload import FileParts, parse_options_header, read_body, read_multipart
 
 log = logging.getLogger("service")
 NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
@@ -113,9 +116,10 @@ async def sync_models_dir(state: State) -> dict[str, str]:
     return outcome
 
 
-async def put(state: State, name: str, path: Path, named: Path | None = None) -> str:
+async def put(state: State, name: str, path: Path, named: Path | None = None, force: bool = False) -> str:
     """Serve `path` as model `name` (beside its current version, if any, then switched); the outcome in words.
-    `named`: where `path` will be moved once served (an upload), so its precision card is the one beside that."""
+    `named`: where `path` will be moved once served (an upload), so its precision card is the one beside that.
+    `force`: load it even when its sha256 is the one serving (a new precision card came with it)."""
     from .app import serve
 
     s = state.settings
@@ -129,7 +133,8 @@ async def put(state: State, name: str, path: Path, named: Path | None = None) ->
         state.failed[name] = f"SEGMENT_MAX_MODELS ({s.max_models}) are loaded already"
         return f"failed: {state.failed[name]}"
     try:
-        if current is not None and await asyncio.to_thread(file_sha256, path) == current.predictor.checkpoint.sha256:
+        if not force and current is not None and \
+                await asyncio.to_thread(file_sha256, path) == current.predictor.checkpoint.sha256:
             return "unchanged"
         predictor = await load(state, path, named)
     except Exception as e:  # a pickled .pth renamed, a foreign or truncated file: listed, never a failed start
@@ -156,10 +161,105 @@ async def reload_route(state: ReadyDep):
     return await reload(state)
 
 
-@router.put("/models/{name}", dependencies=[Depends(require_admin_key)], responses=ADMIN_ERRORS)
+PARTS = {"checkpoint": ".safetensors", "precision": ".precision.json", "int8": ".int8.onnx"}
+MAX_CARD_BYTES = 2**20  # a precision card is a few kB of JSON
+PARTS_ACCEPTED = ("'checkpoint' (the .safetensors file), and optionally 'precision' (its precision card, "
+                  "X.precision.json) and 'int8' (the int8 model the card names, X.int8.onnx)")
+
+
+class ModelParts(FileParts):
+    """A PUT /models/NAME form, each part written to `folder`/NAME + its suffix (PARTS) as it arrives."""
+
+    def __init__(self, folder: Path, stem: str):
+        super().__init__("checkpoint")
+        self.folder, self.stem, self.files, self.file, self.written = folder, stem, {}, None, 0
+
+    def callbacks(self) -> dict:
+        return {**super().callbacks(), "on_part_end": self.close}
+
+    def on_headers_finished(self):
+        _, disp = parse_options_header(self.headers.get(b"content-disposition", b""))
+        self.headers, self.name = {}, disp.get(b"name", b"").decode("utf-8", "replace")
+        if self.name not in PARTS:
+            raise UploadError(422, "unknown_field", f"the form has a part named '{self.name[:64]}'; PUT "
+                              f"/models/NAME takes {PARTS_ACCEPTED}")
+        if self.name in self.files:
+            raise UploadError(422, "duplicate_field", f"the form has more than one '{self.name}' part; send each once")
+        self.files[self.name] = self.folder / f"{self.stem}{PARTS[self.name]}"
+        self.file, self.written = self.files[self.name].open("wb"), 0
+        if self.name == "checkpoint":
+            self.parts.append((self.name, b""))  # read_multipart's check that the required part came
+
+    def on_part_data(self, data, start, end):
+        self.written += end - start
+        if self.name == "precision" and self.written > MAX_CARD_BYTES:
+            raise UploadError(413, "too_large", f"the 'precision' part passed {MAX_CARD_BYTES} bytes; a precision "
+                              "card is a few kB of JSON")
+        self.file.write(data[start:end])
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+def adopt_card(files: dict[str, Path]) -> bool:
+    """Whether the upload brought a precision card, once checked: it must hold for the checkpoint uploaded with it,
+    and name the int8 model uploaded with it (renamed NAME.int8.onnx in the card), or none when none came. 422
+    bad_precision_card otherwise."""
+    card, int8, checkpoint = files.get("precision"), files.get("int8"), files["checkpoint"]
+
+    def refuse(why: str):
+        raise UploadError(422, "bad_precision_card", f"{why}; nothing changed")
+
+    if card is None:
+        if int8 is not None:
+            refuse("an int8 model serves only with the precision card that names it: send that as the part "
+                   "'precision' (`python -m training quantize` writes both)")
+        return False
+    try:
+        document = json.loads(card.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        refuse(f"the 'precision' part is not a JSON precision card ({e})")
+    named = document.get("int8") if isinstance(document, dict) else None
+    if isinstance(named, dict) and named.get("file"):
+        if int8 is None:
+            refuse(f"the precision card names an int8 model ({named['file']}): send it as the part 'int8', or a card "
+                   "without one")
+        named["file"] = int8.name  # quantize named it after the file it quantised; here it is NAME.int8.onnx
+        card.write_text(json.dumps(document, indent=2) + "\n")
+    elif int8 is not None:
+        refuse("the precision card names no int8 model, so the 'int8' part would never serve")
+    try:
+        problem = read_card(checkpoint, file_sha256(checkpoint)).int8.get("problem")
+    except CardError as e:
+        refuse(str(e))
+    if problem:
+        refuse(problem)
+    return True
+
+
+def binary(description: str) -> dict:
+    return {"type": "string", "format": "binary", "minLength": 1, "description": description}
+
+
+PUT_BODY = {"requestBody": {"required": True, "description": "capped by SEGMENT_MAX_MODEL_BYTES while it streams",
+                            "content": {
+    "application/octet-stream": {"schema": binary("the checkpoint (.safetensors)")},
+    "multipart/form-data": {"schema": {"type": "object", "required": ["checkpoint"], "properties": {
+        "checkpoint": binary("the checkpoint (.safetensors)"),
+        "precision": binary("its precision card (X.precision.json from `python -m training quantize`)"),
+        "int8": binary("the int8 model the card names (X.int8.onnx)")}}}}}}
+
+
+@router.put("/models/{name}", dependencies=[Depends(require_admin_key)], responses=ADMIN_ERRORS,
+            openapi_extra=PUT_BODY)
 async def put_route(name: str, request: Request, state: ReadyDep):
-    """Upload a checkpoint (the body, capped by SEGMENT_MAX_MODEL_BYTES while it streams) as model `name` in
-    SEGMENT_MODELS_DIR: loaded and checked beside the version serving, then switched (admin key)."""
+    """Upload a checkpoint as model `name` in SEGMENT_MODELS_DIR: loaded and checked beside the version serving,
+    then switched (admin key). The body is the .safetensors file, or a multipart form with the parts
+    'checkpoint', and optionally 'precision' (its precision card) and 'int8' (the int8 model the card names),
+    capped together by SEGMENT_MAX_MODEL_BYTES while they stream. Without a card in the upload, the one waiting
+    in the folder as NAME.precision.json applies."""
     from .app import publish
 
     s = state.settings
@@ -168,30 +268,54 @@ async def put_route(name: str, request: Request, state: ReadyDep):
     if not NAME.fullmatch(name) or name == s.checkpoint.stem:
         raise UploadError(422, "bad_model_name", "a model name is 1-128 letters, digits, '.', '_' or '-', and not "
                           "the default model's (replace that file and POST /models/reload)")
-    # not *.safetensors: a reload never sees it; a random part: replicas sharing the folder (each often pid 1 in
-    # its container) never write the same file
-    upload = s.models_dir / f".{name}.upload-{uuid.uuid4().hex}.part"
+    # a hidden folder: a reload never sees its *.safetensors; a random part: replicas sharing the folder (each
+    # often pid 1 in its container) never write the same files
+    staging = s.models_dir / f".{name}.upload-{uuid.uuid4().hex}"
+    staging.mkdir()
+    parts = ModelParts(staging, name)
+    limits = (s.max_model_bytes, s.body_timeout_s * 10)
     try:
-        with upload.open("wb") as f:
-            await read_body(request, s.max_model_bytes, s.body_timeout_s * 10, f.write)
+        if parse_options_header(request.headers.get("content-type", ""))[0] == b"multipart/form-data":
+            await read_multipart(request, *limits, parts, alternative=f"; it takes {PARTS_ACCEPTED}")
+        else:
+            parts.files["checkpoint"] = staging / f"{name}{PARTS['checkpoint']}"
+            with parts.files["checkpoint"].open("wb") as f:
+                await read_body(request, *limits, f.write)
+        parts.close()
+        upload = parts.files["checkpoint"]
         async with state.swap_lock:
             await asyncio.to_thread(read_meta, upload)  # refused before it replaces anything
+            with_card = await asyncio.to_thread(adopt_card, parts.files)
             target = s.models_dir / f"{name}.safetensors"
-            outcome = await put(state, name, upload, named=target)  # NAME.precision.json in the folder applies
+            # with a card: served from the upload's folder, where its card is; without: NAME.precision.json waiting
+            # in the folder applies
+            outcome = await put(state, name, upload, named=None if with_card else target, force=with_card)
             if outcome.startswith("failed"):
                 raise UploadError(422, "bad_checkpoint", f"{outcome.removeprefix('failed: ')}; nothing changed")
+            if with_card:  # the int8 model and card first: a start or reload reading the folder meanwhile sees the
+                # old checkpoint with a card that is not its own (fp32), never the new one with the old card
+                if "int8" in parts.files:
+                    os.replace(parts.files["int8"], int8_path(target))
+                else:
+                    int8_path(target).unlink(missing_ok=True)  # the version replaced's, named by no card now
+                os.replace(parts.files["precision"], card_path(target))
             os.replace(upload, target)  # the folder says what serves, for the next start or reload
+            served = state.others[name].predictor
+            served.checkpoint.path = target
             publish(state)
     except CheckpointError as e:
         raise UploadError(422, "bad_checkpoint", f"{e}; nothing changed") from None
     finally:
-        upload.unlink(missing_ok=True)
-    return {"name": name, "outcome": outcome, "sha256": state.others[name].predictor.checkpoint.sha256}
+        parts.close()
+        shutil.rmtree(staging, ignore_errors=True)
+    return {"name": name, "outcome": outcome, "sha256": served.checkpoint.sha256, "backend": served.backend.name,
+            "precision": served.precision}
 
 
 @router.delete("/models/{name}", dependencies=[Depends(require_admin_key)], responses=ADMIN_ERRORS)
 async def delete_route(name: str, state: ReadyDep):
-    """Unload model `name` and remove its file from SEGMENT_MODELS_DIR (not the default model; admin key)."""
+    """Unload model `name` and remove its files (checkpoint, precision card, int8 model) from SEGMENT_MODELS_DIR
+    (not the default model; admin key)."""
     from .app import publish
 
     async with state.swap_lock:
@@ -203,7 +327,9 @@ async def delete_route(name: str, state: ReadyDep):
             state.model(name)  # 404 with the names that are served
         retire(state, served)
         if state.settings.models_dir is not None:
-            (state.settings.models_dir / f"{name}.safetensors").unlink(missing_ok=True)
+            path = state.settings.models_dir / f"{name}.safetensors"
+            for file in (path, card_path(path), int8_path(path)):
+                file.unlink(missing_ok=True)
         publish(state)
     return {"name": name, "outcome": "unloaded"}
 

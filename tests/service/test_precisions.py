@@ -6,6 +6,7 @@ import io
 import json
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -186,6 +187,82 @@ def test_a_model_put_at_run_time_is_served_with_the_card_waiting_for_it_in_the_f
         assert (street["backend"], street["precision"]) == ("openvino", "int8")
         mask, body = served_by(client, "street", SANITY_PHOTO.read_bytes())
         assert body["model"]["precision"] == "int8" and mask.size == 480 * 360
+
+
+def model_form(checkpoint: Path, card: bytes | None = None, int8: bytes | None = None, **extra) -> dict:
+    """PUT /models/NAME's multipart parts: the checkpoint, and its precision card and int8 model when given."""
+    files = {"checkpoint": ("x.safetensors", checkpoint.read_bytes())}
+    if card is not None:
+        files["precision"] = ("x.precision.json", card)
+    if int8 is not None:
+        files["int8"] = ("x.int8.onnx", int8)
+    return {**files, **extra}
+
+
+@pytest.mark.skipif("int8" not in precision.native_precisions(), reason="this CPU has no VNNI or AMX")
+def test_a_model_put_with_its_card_and_int8_model_serves_int8_at_once_and_from_the_folder_after(shipped, tmp_path):
+    """One PUT brings the checkpoint, its card and the int8 model the card names (as `quantize` wrote them, under
+    the name it quantised): served in int8 at once, and the folder then holds all three under the model's name,
+    so the next start serves the same; DELETE takes all three away."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    settings = Settings(checkpoint=shipped, models_dir=folder, device="cpu", backend="openvino", precision="int8",
+                        cache_dir=tmp_path, warmup_passes=0, admin_keys="admin")
+    admin = {"X-API-Key": "admin"}
+    form = model_form(shipped, card_path(shipped).read_bytes(), int8_path(shipped).read_bytes())
+    with TestClient(create_app(settings)) as client:
+        put = client.put("/models/street", files=form, headers=admin)
+        assert put.status_code == 200, put.text
+        assert put.json() | {"sha256": None} == {"name": "street", "outcome": "loaded", "sha256": None,
+                                                  "backend": "openvino", "precision": "int8"}
+        assert sorted(p.name for p in folder.iterdir()) == ["street.int8.onnx", "street.precision.json",
+                                                             "street.safetensors"]
+        assert json.loads((folder / "street.precision.json").read_text())["int8"]["file"] == "street.int8.onnx"
+        mask, body = served_by(client, "street", SANITY_PHOTO.read_bytes())
+        assert body["model"]["precision"] == "int8" and mask.size == 480 * 360
+        assert client.post("/models/reload", headers=admin).json()["models"] == {"street": "unchanged"}
+    with TestClient(create_app(settings)) as client:  # the next start reads the folder
+        street = next(m for m in client.get("/models").json()["models"] if m["name"] == "street")
+        assert (street["state"], street["precision"]) == ("ready", "int8")
+        assert client.delete("/models/street", headers=admin).status_code == 200
+        assert list(folder.iterdir()) == []
+
+
+def test_a_model_put_with_a_card_that_does_not_hold_is_refused_and_changes_nothing(shipped, tmp_path):
+    from tests.service.test_swap import another_model
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    settings = Settings(checkpoint=tmp_path / "default.safetensors", models_dir=folder, device="cpu",
+                        backend="torch", precision="fp32", warmup_passes=0, admin_keys="admin")
+    another_model(shipped, settings.checkpoint)
+    admin = {"X-API-Key": "admin"}
+    card, int8 = card_path(shipped).read_bytes(), int8_path(shipped).read_bytes()
+    refused = {
+        "an int8 model serves only with the precision card": model_form(shipped, int8=int8),
+        "the precision card names an int8 model (camvid.int8.onnx): send it": model_form(shipped, card),
+        "belongs to another checkpoint": model_form(settings.checkpoint, card, int8),
+        "changed since the card was written": model_form(shipped, card, int8[:-1] + bytes([int8[-1] ^ 1])),
+        "is not a JSON precision card": model_form(shipped, b"\x80 not json", int8),
+        "a part named 'weights'": model_form(shipped, weights=("w", b"1")),
+        "more than one 'checkpoint' part": [*model_form(shipped).items(), *model_form(shipped).items()],
+        "no 'checkpoint' field": {"precision": ("c.json", card)},
+        "the 'precision' part passed 1048576 bytes": model_form(shipped, b" " * (2**20 + 1)),
+    }
+    with TestClient(create_app(settings)) as client:
+        for why, form in refused.items():
+            r = client.put("/models/street", files=form, headers=admin)
+            assert r.status_code in (413, 422) and why in r.json()["detail"], (why, r.text)
+        assert list(folder.iterdir()) == []  # no upload left behind
+        assert [m["name"] for m in client.get("/models").json()["models"]] == ["default"]
+        # a card without an int8 model: held, and served as its checkpoint's card (fp32 here, as asked)
+        document = json.loads(card)
+        document["int8"] = {}
+        put = client.put("/models/street", files=model_form(shipped, json.dumps(document).encode()), headers=admin)
+        assert put.status_code == 200 and put.json()["precision"] == "float32", put.text
+        assert sorted(p.name for p in folder.iterdir()) == ["street.precision.json", "street.safetensors"]
+        held = read_card(folder / "street.safetensors", put.json()["sha256"])
+        assert held.int8 == {} and held.scores == document["scores"]
 
 
 def served_by(client, model: str, data: bytes) -> tuple[np.ndarray, dict]:

@@ -142,7 +142,8 @@ def test_models_are_added_replaced_and_removed_at_run_time_by_an_admin(checkpoin
     with TestClient(create_app(settings)) as c:
         data = IMAGE.read_bytes()
         put = c.put("/models/street", content=first.read_bytes(), headers=admin).json()
-        assert put == {"name": "street", "outcome": "loaded", "sha256": load_checkpoint(first).sha256}
+        assert put == {"name": "street", "outcome": "loaded", "sha256": load_checkpoint(first).sha256,
+                       "backend": "torch", "precision": "float32"}
         assert (folder / "street.safetensors").read_bytes() == first.read_bytes()
         answer = c.post("/segment?model=street", files={"image": ("x.png", data)}).json()
         assert answer["model"] == {**answer["model"], "name": "street.safetensors", "sha256": put["sha256"]}
