@@ -44,6 +44,9 @@ class TrainConfig:
                            metavar="W")
     ohem: float = option(1.0, "cross-entropy over the hardest SHARE of each batch's labelled pixels only (online hard "
                          "example mining; try 0.25); 1: all", metavar="SHARE")
+    label_smoothing: float = option(0.0, "cross-entropy against targets smoothed by EPS: 1 - EPS on the labelled "
+                                    "class, EPS spread over the others, Void excluded (Szegedy et al. 2016; try "
+                                    "0.1); 0: off", metavar="EPS")
     teacher: tuple[Path, ...] = option((), "distil from this trained checkpoint (same classes; any encoder): its "
                                        "predictions on each training batch are a second target; several: an "
                                        "ensemble, their class probabilities averaged", nargs="+",

@@ -6,8 +6,10 @@ get wrong. Soft Dice scores each class by its overlap, whatever its size, which 
 the sum of the two keeps CE's stable gradients and Dice's care for small classes. Lovász-softmax (Berman et al.,
 CVPR 2018) is a convex surrogate of each class's IoU itself; online hard example mining (OHEM, Shrivastava et al.,
 CVPR 2016, as segmentation codebases apply it per pixel) spends the cross-entropy on the pixels the network gets most
-wrong, mostly edges and thin classes, instead of the sky and road it already knows; distillation pulls the network
-towards a teacher's softened predictions (Hinton et al., 2015), on every pixel, Void ones included.
+wrong, mostly edges and thin classes, instead of the sky and road it already knows; label smoothing (Szegedy et al.,
+CVPR 2016) aims the cross-entropy at a target that keeps a little probability on every class, so the network is
+not pushed to ever larger logits on labels that are often a pixel off at object edges; distillation pulls the
+network towards a teacher's softened predictions (Hinton et al., 2015), on every pixel, Void ones included.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from models.errors import ConfigError
 
 
 class SegmentationLoss(nn.Module):
-    """`CE(weight, ignore_index) [over the hardest `ohem` share of labelled pixels] + dice * (1 - mean soft Dice)
-    + lovasz * Lovász-softmax + distill * T² * KL(teacher_T ‖ student_T)`.
+    """`CE(weight, ignore_index) [against targets smoothed by `label_smoothing`] [over the hardest `ohem` share of
+    labelled pixels] + dice * (1 - mean soft Dice) + lovasz * Lovász-softmax + distill * T² * KL(teacher_T ‖
+    student_T)`. OHEM and label smoothing apply in training only, so a run's valid loss stays the plain CE.
 
     The Dice and Lovász terms are computed over the whole batch per class (as mean IoU counts a split's pixels
     together), skip pixels labelled `ignore_index`, and average only over classes present in the batch's labels, so
@@ -32,10 +35,13 @@ class SegmentationLoss(nn.Module):
 
     def __init__(self, num_classes: int, ignore_index: int, weight: torch.Tensor | None = None,
                  dice: float = 0.0, eps: float = 1.0, lovasz: float = 0.0, distill: float = 0.0,
-                 temperature: float = 1.0, ohem: float = 1.0):
+                 temperature: float = 1.0, ohem: float = 1.0, label_smoothing: float = 0.0):
         super().__init__()
         if not 0 < ohem <= 1:
             raise ConfigError(f"--ohem {ohem:g}: give a share of the labelled pixels in (0, 1], e.g. 0.25 (1: all)")
+        if not 0 <= label_smoothing < 1:
+            raise ConfigError(f"--label-smoothing {label_smoothing:g}: give a share of the target in [0, 1), e.g. 0.1 "
+                              "(0: off)")
         for name, value in (("dice", dice), ("lovasz", lovasz), ("distill", distill)):
             if value < 0:
                 raise ConfigError(f"{name} weight must be >= 0, got {value}")
@@ -43,11 +49,18 @@ class SegmentationLoss(nn.Module):
             raise ConfigError(f"distillation temperature must be > 0, got {temperature}")
         self.num_classes, self.ignore_index, self.dice, self.eps = num_classes, ignore_index, dice, eps
         self.lovasz, self.distill, self.temperature, self.ohem = lovasz, distill, temperature, ohem
+        self.label_smoothing = label_smoothing
         self.ce = nn.CrossEntropyLoss(weight=weight, ignore_index=ignore_index)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor,
                 teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
-        loss = self.ohem_loss(logits, target) if self.ohem < 1 and self.training else self.ce(logits, target)
+        if self.training and self.ohem < 1:
+            loss = self.ohem_loss(logits, target)
+        elif self.training and self.label_smoothing:
+            per_pixel, weights = self.pixel_losses(logits, target)
+            loss = per_pixel.sum() / weights.sum().clamp_min(1e-12)  # an all-void batch: 0
+        else:
+            loss = self.ce(logits, target)
         if self.dice:
             loss = loss + self.dice * self.dice_loss(logits, target)
         if self.lovasz:
@@ -100,20 +113,35 @@ class SegmentationLoss(nn.Module):
         truth = truth.gather(1, order)
         return (errors * lovasz_grad(truth)).sum(1).mean()
 
+    def pixel_losses(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, H, W) each pixel's cross-entropy times its class's weight, and that weight (both 0 on ignored pixels).
+        With label_smoothing ε the target is 1 - ε on the pixel's class plus ε spread evenly over the classes other
+        than the ignored one (PyTorch's own `label_smoothing` spreads it onto Void too, teaching the network a class it
+        is never scored on); the class weight multiplies the pixel's whole term."""
+        valid = target != self.ignore_index
+        safe = torch.where(valid, target, 0)
+        weights = (self.ce.weight[safe] if self.ce.weight is not None else torch.ones(target.shape,
+                                                                                     device=target.device)) * valid
+        if not self.label_smoothing:  # F.cross_entropy's values are already multiplied by the class weight
+            return F.cross_entropy(logits.float(), target, self.ce.weight, ignore_index=self.ignore_index,
+                                   reduction="none"), weights
+        log_p = F.log_softmax(logits.float(), 1)
+        true = -log_p.gather(1, safe[:, None])[:, 0]
+        scored = [c for c in range(self.num_classes) if c != self.ignore_index]
+        spread = -log_p[:, scored].mean(1)
+        eps = self.label_smoothing
+        return weights * ((1 - eps) * true + eps * spread), weights
+
     def ohem_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Cross-entropy averaged over the ceil(ohem x n) labelled pixels of the batch with the largest loss (with class
         weights: their weighted mean, as `nn.CrossEntropyLoss` takes it over all of them)."""
-        per_pixel = F.cross_entropy(logits.float(), target, self.ce.weight, ignore_index=self.ignore_index,
-                                    reduction="none")
+        per_pixel, weights = self.pixel_losses(logits, target)
         valid = target != self.ignore_index
         losses = per_pixel[valid]
         if losses.numel() == 0:
             return logits.sum() * 0.0
         hardest = losses.topk(math.ceil(self.ohem * losses.numel()), sorted=False).indices
-        if self.ce.weight is None:
-            return losses[hardest].mean()
-        # F.cross_entropy's per-pixel values are already multiplied by their class's weight
-        return losses[hardest].sum() / self.ce.weight[target[valid][hardest]].sum()
+        return losses[hardest].sum() / weights[valid][hardest].sum()
 
     def distill_loss(self, logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         """T² · KL(softmax(teacher / T) ‖ softmax(student / T)), averaged over every pixel (T² keeps the gradient's

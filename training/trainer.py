@@ -259,7 +259,8 @@ def fit(config: TrainConfig) -> dict:
     teacher = build_teacher(config, folder.classes, device)  # a wrong teacher fails before anything is written
     loss_fn = SegmentationLoss(folder.classes.num_classes, folder.classes.ignore_index, weight, config.dice,
                                lovasz=config.lovasz, distill=config.distill if teacher else 0.0,
-                               temperature=config.distill_temperature, ohem=config.ohem)
+                               temperature=config.distill_temperature, ohem=config.ohem,
+                               label_smoothing=config.label_smoothing)
     writer = RunWriter(run_dir, config, folder, fingerprint, net_config, run) if d.main else None
     if d.main and run.epochs_done:
         log.info("resuming %s at epoch %d/%d with its saved settings", run_dir, run.epochs_done + 1, config.epochs)

@@ -114,7 +114,8 @@ def test_distillation_is_t_squared_kl_from_the_teacher_on_every_pixel_void_inclu
 
 @pytest.mark.parametrize("kwargs, match", [({"lovasz": -1}, "lovasz weight"), ({"distill": -0.5}, "distill weight"),
                                            ({"temperature": 0}, "temperature"), ({"ohem": 0}, "ohem"),
-                                           ({"ohem": 1.5}, "ohem")])
+                                           ({"ohem": 1.5}, "ohem"), ({"label_smoothing": 1}, "label-smoothing"),
+                                           ({"label_smoothing": -0.1}, "label-smoothing")])
 def test_bad_weights_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SegmentationLoss(4, VOID, **kwargs)
@@ -143,3 +144,29 @@ def test_ohem_by_hand_averages_the_hardest_share_of_labelled_pixels():
     assert weighted.item() == pytest.approx((3 * ce[0] + 3 * ce[3]) / 6, rel=1e-5)
     # an all-void batch: nothing to mine, a zero that still has a gradient path
     assert SegmentationLoss(4, VOID, ohem=0.5)(logits, torch.full_like(target, VOID)).item() == 0.0
+
+
+def test_label_smoothing_by_hand_spreads_its_share_over_the_classes_void_excepted():
+    # Two labelled pixels (classes 0 and 1) and a void one; logits (0, 1, 2, 5): Void's channel is the largest,
+    # and smoothing must not ask for any of it.
+    logits = torch.tensor([0.0, 1.0, 2.0, 5.0]).view(1, 4, 1, 1).expand(1, 4, 1, 3).contiguous()
+    target = torch.tensor([[[0, 1, VOID]]])
+    z = sum(math.exp(x) for x in (0, 1, 2, 5))
+    nll = [-(x - math.log(z)) for x in (0, 1, 2)]  # -log p of classes 0, 1, 2
+    eps = 0.3
+
+    def smoothed(t):  # (1 - eps) on the true class, eps / 3 on each of the three scored classes
+        return (1 - eps) * nll[t] + eps * sum(nll) / 3
+
+    fn = SegmentationLoss(4, VOID, label_smoothing=eps)
+    assert fn(logits, target).item() == pytest.approx((smoothed(0) + smoothed(1)) / 2, rel=1e-5)
+    # scoring (eval) is plain cross-entropy, so valid losses compare across runs
+    assert fn.eval()(logits, target).item() == pytest.approx((nll[0] + nll[1]) / 2, rel=1e-5)
+    # class weights (3, 1, 1, 1) weigh each pixel's whole term, normalised by the weights, as nn.CrossEntropyLoss
+    weighted = SegmentationLoss(4, VOID, torch.tensor([3.0, 1.0, 1.0, 1.0]), label_smoothing=eps)
+    assert weighted(logits, target).item() == pytest.approx((3 * smoothed(0) + smoothed(1)) / 4, rel=1e-5)
+    # with OHEM 0.5: the harder of the two (class 0: the smaller logit)
+    assert SegmentationLoss(4, VOID, label_smoothing=eps, ohem=0.5)(logits, target).item() == \
+        pytest.approx(smoothed(0), rel=1e-5)
+    # an all-void batch: zero, not NaN
+    assert SegmentationLoss(4, VOID, label_smoothing=eps)(logits, torch.full_like(target, VOID)).item() == 0.0

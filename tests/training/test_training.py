@@ -347,6 +347,7 @@ def test_bad_augmentation_options_fail_before_anything_is_written(tmp_path, caps
                            (["--focus-p", "1.5"], "--focus-p 1.5: must be between 0 and 1"),
                            (["--paste-p", "-1"], "--paste-p -1: must be between 0 and 1"),
                            (["--paste-classes", "Bike"], "--paste-classes Bike: not a class of this data"),
+                           (["--label-smoothing", "1"], "--label-smoothing 1: give a share of the target in [0, 1)"),
                            (["--scale", "2", "0.5"], "--scale 2 0.5: give MIN MAX with 0 < MIN <= MAX")):
         assert main(["train", "--data", str(CAMVID), "--out", str(out), "--run-dir", str(tmp_path / "x"), *flags,
                      "--encoder-weights", "none", "--workers", "0"]) == 2
