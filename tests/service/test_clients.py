@@ -365,3 +365,48 @@ def test_the_client_package_installs_alone_into_a_fresh_environment(tmp_path):
                           text=True).stdout.startswith("usage: segment-client")
     listed = subprocess.run([str(venv / "bin" / "pip"), "list"], capture_output=True, text=True).stdout.lower()
     assert "torch" not in listed and "fastapi" not in listed
+
+
+def test_the_client_ships_a_model_with_its_card_and_int8_model_and_takes_it_away(checkpoint, tmp_path):  # noqa: F811
+    """SegmentClient.put_model sends what `quantize` wrote beside the checkpoint (card, int8 model) with it; the
+    service's refusals come back as SegmentError with their code."""
+    import shutil
+
+    from models.precision import card_path, int8_path
+
+    from ..conftest import SHIPPED
+
+    release = tmp_path / "release"
+    release.mkdir()
+    for source in (SHIPPED, card_path(SHIPPED), int8_path(SHIPPED)):
+        shutil.copy(source, release / source.name)
+    folder = tmp_path / "models"
+    folder.mkdir()
+    proc, base, _ = start_service({
+        "SEGMENT_CHECKPOINT": str(checkpoint), "SEGMENT_DEVICE": "cpu", "SEGMENT_BACKEND": "torch",
+        "SEGMENT_WARMUP_PASSES": "0", "SEGMENT_LOG_LEVEL": "warning", "SEGMENT_MODELS_DIR": str(folder),
+        "SEGMENT_ADMIN_KEYS": "admin", "SEGMENT_API_KEYS": "client"})
+    client = SegmentClient(base, api_key="client")
+    try:
+        with pytest.raises(SegmentError) as refused:
+            client.put_model("street", release / SHIPPED.name)  # the client key is not an admin key
+        assert (refused.value.status, refused.value.code) == (401, "unauthorized")
+        answer = client.put_model("street", release / SHIPPED.name, admin_key="admin")
+        assert answer == {**answer, "name": "street", "outcome": "loaded", "sha256": load_checkpoint(SHIPPED).sha256}
+        assert sorted(p.name for p in folder.iterdir()) == ["street.int8.onnx", "street.precision.json",
+                                                             "street.safetensors"]
+        street = client.segment(IMAGE)  # the default answers without ?model; the list names both
+        assert sum(street.counts.values()) == 96 * 72
+        assert [m["name"] for m in client.models()] == [checkpoint.stem, "street"]
+        # a card that is not this checkpoint's: refused with the reason, nothing changed
+        shutil.copy(load_checkpoint(checkpoint).path, release / "other.safetensors")
+        shutil.copy(card_path(SHIPPED), release / "other.precision.json")
+        with pytest.raises(SegmentError) as refused:
+            client.put_model("other", release / "other.safetensors", admin_key="admin")
+        assert refused.value.code == "bad_precision_card" and "belongs to another checkpoint" in refused.value.detail
+        assert client.reload_models(admin_key="admin")["models"] == {"street": "unchanged"}
+        assert client.delete_model("street", admin_key="admin") == {"name": "street", "outcome": "unloaded"}
+        assert list(folder.iterdir()) == []
+    finally:
+        client.close()
+        proc.kill()

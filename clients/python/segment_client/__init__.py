@@ -12,12 +12,16 @@ For images: <stem>.png (the palette mask), <stem>_overlay.jpg and <stem>_confide
 colour) and <stem>_overlay.mp4 (the frames with their masks over them). Retries 503 (honouring Retry-After) and
 connection errors with backoff; a file that fails is listed at the end and the exit status is 1; the others are
 written.
+
+Operators: `SegmentClient(url).put_model(NAME, "runs/x.safetensors", admin_key=KEY)` ships a checkpoint with the
+precision card and int8 model beside it; `delete_model`, `reload_models` and `models` do the rest.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import csv
 import io
 import json
@@ -105,6 +109,38 @@ class SegmentClient:
     def model(self) -> dict:
         return self.http.get("/model").json()
 
+    def put_model(self, name: str, checkpoint: str | Path, admin_key: str | None = None) -> dict:
+        """PUT /models/NAME: the checkpoint, with the precision card and the int8 model `python -m training quantize`
+        wrote beside it when they are there, in one request, streamed from disk. The answer says how it serves:
+        name, outcome, sha256, backend, precision. `admin_key`: sent instead of the client's key (SEGMENT_ADMIN_KEYS
+        are separate from the client keys)."""
+        checkpoint = Path(checkpoint)
+        parts = {"checkpoint": checkpoint}
+        card = checkpoint.with_suffix(".precision.json")
+        if card.is_file():
+            parts["precision"] = card
+            try:
+                int8 = checkpoint.parent / json.loads(card.read_text())["int8"]["file"]
+            except (ValueError, TypeError, KeyError):  # no int8 model named, or a broken card the service explains
+                int8 = None
+            if int8 is not None and int8.is_file():
+                parts["int8"] = int8
+        with contextlib.ExitStack() as stack:
+            files = {k: (path.name, stack.enter_context(path.open("rb"))) for k, path in parts.items()}
+            return _answer(self.http.put(f"/models/{name}", files=files, headers=_admin(admin_key), timeout=None))
+
+    def delete_model(self, name: str, admin_key: str | None = None) -> dict:
+        """DELETE /models/NAME: unloaded, and its files removed from the service's models folder."""
+        return _answer(self.http.delete(f"/models/{name}", headers=_admin(admin_key)))
+
+    def reload_models(self, admin_key: str | None = None) -> dict:
+        """POST /models/reload: the default checkpoint and the models folder read again; what changed."""
+        return _answer(self.http.post("/models/reload", headers=_admin(admin_key), timeout=None))
+
+    def models(self) -> list[dict]:
+        """GET /models: every model the service serves (or failed to), by name."""
+        return _answer(self.http.get("/models"))["models"]
+
     def _post(self, path: str, files, overlay: bool, confidence: bool) -> dict:
         params = {"overlay": str(overlay).lower(), "confidence": str(confidence).lower()}
         for attempt in range(self.retries + 1):
@@ -118,14 +154,23 @@ class SegmentClient:
             if r.status_code == 503 and attempt < self.retries:
                 time.sleep(float(r.headers.get("Retry-After", 1)))
                 continue
-            if r.status_code != 200:
-                body = r.json() if r.headers.get("content-type") == "application/json" else {}
-                raise SegmentError(body.get("detail", r.text[:200]), body.get("code", "http_error"), r.status_code)
-            return r.json()
+            return _answer(r)
         raise AssertionError("unreachable")
 
     def close(self) -> None:
         self.http.close()
+
+
+def _answer(r: httpx.Response) -> dict:
+    """The JSON of a 200, or the service's error as a SegmentError (its code and detail)."""
+    if r.status_code != 200:
+        body = r.json() if r.headers.get("content-type") == "application/json" else {}
+        raise SegmentError(body.get("detail", r.text[:200]), body.get("code", "http_error"), r.status_code)
+    return r.json()
+
+
+def _admin(key: str | None) -> dict:
+    return {"X-API-Key": key} if key else {}
 
 
 def _read(image: str | Path | bytes) -> tuple[str, bytes]:
