@@ -69,9 +69,9 @@ class SegmentationLoss(nn.Module):
             loss = loss + self.distill * self.distill_loss(logits, teacher_logits)
         return loss
 
-    def _present(self, onehot: torch.Tensor) -> torch.Tensor:
-        """(C,) bool: classes with a labelled pixel in the batch, the ignored class never."""
-        present = onehot.sum((0, 2, 3)) > 0
+    def _present(self, counts: torch.Tensor) -> torch.Tensor:
+        """(C,) bool from the (C,) labelled pixels of each class in the batch: classes with one, the ignored never."""
+        present = counts > 0
         if 0 <= self.ignore_index < self.num_classes:
             present[self.ignore_index] = False
         return present
@@ -82,13 +82,21 @@ class SegmentationLoss(nn.Module):
         return onehot * valid[:, None], valid
 
     def dice_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        onehot, valid = self._onehot(target)
-        probs = logits.float().softmax(1) * valid[:, None]
-        dims = (0, 2, 3)
-        intersection = (probs * onehot).sum(dims)
-        cardinality = probs.sum(dims) + onehot.sum(dims)
+        """Per class, 2 |P ∩ T| / (|P| + |T|) with soft P over the labelled pixels. The one-hot target is never built
+        (on a CPU it cost more than the rest of the loss): |P ∩ T| sums each labelled pixel's probability of its own
+        class into that class, |T| counts the labels, |P| weights every pixel's probabilities by whether it is
+        labelled."""
+        valid = target != self.ignore_index
+        safe = torch.where(valid, target, 0)
+        probs = logits.float().softmax(1)
+        weight = valid.to(probs.dtype)
+        own = probs.gather(1, safe[:, None])[:, 0] * weight  # (B, H, W), 0 on ignored pixels
+        zeros = probs.new_zeros(self.num_classes)
+        intersection = zeros.scatter_add(0, safe.reshape(-1), own.reshape(-1))
+        counts = zeros.scatter_add(0, safe.reshape(-1), weight.reshape(-1))
+        cardinality = torch.einsum("bchw,bhw->c", probs, weight) + counts
         score = (2 * intersection + self.eps) / (cardinality + self.eps)
-        present = self._present(onehot)
+        present = self._present(counts)
         if not present.any():
             return logits.sum() * 0.0
         return 1 - score[present].mean()
@@ -102,7 +110,7 @@ class SegmentationLoss(nn.Module):
             dy, dx = torch.randint(0, 2, (2,)).tolist()
             logits, target = logits[..., dy::2, dx::2], target[..., dy::2, dx::2]
         onehot, valid = self._onehot(target)
-        present = self._present(onehot)
+        present = self._present(onehot.sum((0, 2, 3)))
         if not present.any():
             return logits.sum() * 0.0
         keep = valid.reshape(-1)
@@ -127,8 +135,10 @@ class SegmentationLoss(nn.Module):
                                    reduction="none"), weights
         log_p = F.log_softmax(logits.float(), 1)
         true = -log_p.gather(1, safe[:, None])[:, 0]
-        scored = [c for c in range(self.num_classes) if c != self.ignore_index]
-        spread = -log_p[:, scored].mean(1)
+        if 0 <= self.ignore_index < self.num_classes:  # the sum less the ignored class: indexing the scored classes
+            spread = -(log_p.sum(1) - log_p[:, self.ignore_index]) / (self.num_classes - 1)  # out costs a scatter
+        else:
+            spread = -log_p.mean(1)
         eps = self.label_smoothing
         return weights * ((1 - eps) * true + eps * spread), weights
 

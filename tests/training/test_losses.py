@@ -45,6 +45,28 @@ def test_total_is_ce_plus_weighted_dice_and_has_gradients():
     assert logits.grad is not None and math.isfinite(logits.grad.abs().sum().item())
 
 
+@pytest.mark.parametrize("classes, ignore", [(4, VOID), (4, 255)])
+def test_dice_and_its_gradient_match_the_one_hot_formula(classes, ignore):
+    # The loss sums each labelled pixel's own-class probability into its class instead of building the one-hot
+    # target; value and gradient must be those of the textbook form, with or without a void class in the logits.
+    torch.manual_seed(0)
+    logits = (torch.randn(2, classes, 6, 7) * 3).requires_grad_()
+    target = torch.randint(0, classes, (2, 6, 7))
+    target[:, :2] = ignore
+    target[target == 2] = 1  # class 2 absent: not averaged
+    labelled = target != ignore
+    onehot = F.one_hot(torch.where(labelled, target, 0), classes).permute(0, 3, 1, 2).float() * labelled[:, None]
+    probs = logits.softmax(1) * labelled[:, None]
+    score = (2 * (probs * onehot).sum((0, 2, 3)) + 1) / (probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3)) + 1)
+    present = torch.tensor([c in (0, 1) or (c == 3 and ignore != VOID) for c in range(classes)])
+    expected = 1 - score[present].mean()
+    (want,) = torch.autograd.grad(expected, logits)
+    loss = SegmentationLoss(classes, ignore, dice=1.0).dice_loss(logits, target)
+    (got,) = torch.autograd.grad(loss, logits)
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+    assert torch.allclose(got, want, atol=1e-7)
+
+
 def test_all_void_batch_gives_no_dice_and_no_nan():
     target = torch.full((1, 3, 3), VOID)
     logits = torch.randn(1, 4, 3, 3)
