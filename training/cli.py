@@ -90,9 +90,12 @@ def _print_metrics(m: dict) -> None:
     print(f"pixel accuracy {fmt(m['pixel_accuracy'])}   mean IoU {fmt(m['mean_iou'])}   "
           f"mean class accuracy {fmt(m['mean_class_accuracy'])}   "
           f"frequency-weighted IoU {fmt(m['frequency_weighted_iou'])}")
-    print(f"{'class':<16}{'IoU':>8}{'acc':>8}")
+    print(f"{'class':<16}{'IoU':>8}{'recall':>8}{'precision':>11}   most often mistaken for")
     for name, iou in m["per_class_iou"].items():
-        print(f"{name:<16}{fmt(iou):>8}{fmt(m['per_class_accuracy'][name]):>8}")
+        other = m["per_class_mistaken_for"][name]
+        mistake = f"{other['class']} ({other['share']:.0%} of its pixels)" if other else "-"
+        print(f"{name:<16}{fmt(iou):>8}{fmt(m['per_class_accuracy'][name]):>8}"
+              f"{fmt(m['per_class_precision'][name]):>11}   {mistake}")
 
 
 def cmd_export(a: argparse.Namespace) -> None:

@@ -35,6 +35,7 @@ class ConfusionMatrix:
         classes = [c for c in range(self.n) if c != self.ignore]
         iou = [(tp[c] / union[c]).item() if union[c] > 0 else None for c in classes]
         acc = [(tp[c] / truth[c]).item() if truth[c] > 0 else None for c in classes]
+        precision = [(tp[c] / predicted[c]).item() if predicted[c] > 0 else None for c in classes]
         names = names or [str(c) for c in range(self.n)]
         total = m.sum().item()
         present = [v for v in iou if v is not None]
@@ -48,5 +49,19 @@ class ConfusionMatrix:
                                           if v is not None) if total else None,
             "per_class_iou": {names[c]: v for c, v in zip(classes, iou, strict=True)},
             "per_class_accuracy": {names[c]: v for c, v in zip(classes, acc, strict=True)},
+            "per_class_precision": {names[c]: v for c, v in zip(classes, precision, strict=True)},
+            "per_class_mistaken_for": {names[c]: self._mistaken_for(c, names) for c in classes},
             "pixels": int(total),
         }
+
+    def _mistaken_for(self, c: int, names: list[str]) -> dict | None:
+        """The class that takes the largest share of class c's labelled pixels, with that share (None: no errors)."""
+        row = self.mat[c].double()
+        if self.ignore is not None:
+            row[self.ignore] = 0  # not a class one can be mistaken for: it is never scored
+        total = self.mat[c].sum().item()
+        row[c] = 0
+        if total == 0 or row.max() == 0:
+            return None
+        other = int(row.argmax())
+        return {"class": names[other], "share": row[other].item() / total}

@@ -27,6 +27,15 @@ def test_metrics_match_a_hand_computation_with_void_excluded():
     assert math.isclose(m["mean_class_accuracy"], (3 / 4 + 2 / 4 + 1) / 3)
     # frequency-weighted IoU: truth has 4 a, 4 b, 2 c of 10 labelled pixels
     assert math.isclose(m["frequency_weighted_iou"], 0.4 * 3 / 5 + 0.4 * 2 / 5 + 0.2 * 2 / 3)
+    # precision: of the pixels predicted a (4), b (3), c (3), the right ones are 3, 2, 2
+    assert math.isclose(m["per_class_precision"]["a"], 3 / 4)
+    assert math.isclose(m["per_class_precision"]["b"], 2 / 3)
+    assert math.isclose(m["per_class_precision"]["c"], 2 / 3)
+    # a loses 1 of its 4 pixels to b; b ties (1 to a, 1 to c) and names the first; c loses none
+    assert m["per_class_mistaken_for"]["a"] == {"class": "b", "share": 1 / 4}
+    assert m["per_class_mistaken_for"]["b"] == {"class": "a", "share": 1 / 4}
+    assert m["per_class_mistaken_for"]["c"] is None
+    assert "void" not in m["per_class_mistaken_for"]
 
 
 def test_absent_classes_do_not_count_in_mean_iou_and_updates_accumulate():
@@ -40,3 +49,14 @@ def test_absent_classes_do_not_count_in_mean_iou_and_updates_accumulate():
     assert math.isclose(m["per_class_iou"]["1"], 1 / 2)
     assert math.isclose(m["mean_iou"], 1 / 2)
     assert math.isclose(m["pixel_accuracy"], 2 / 3)
+
+
+def test_a_class_never_predicted_has_no_precision_and_the_ignored_class_is_not_a_mistake():
+    cm = ConfusionMatrix(3, ignore_index=2)
+    # truth 0 predicted as 1 twice and as the ignored class once; class 0 is never predicted
+    cm.update(torch.tensor([0, 0, 0, 1]), torch.tensor([1, 1, 2, 1]))
+    m = cm.compute(["a", "b", "void"])
+    assert m["per_class_precision"]["a"] is None
+    assert math.isclose(m["per_class_precision"]["b"], 1 / 3)
+    assert m["per_class_mistaken_for"]["a"] == {"class": "b", "share": 2 / 3}
+    assert m["per_class_mistaken_for"]["b"] is None
