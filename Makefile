@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test lint setup tools docs serve bench-train bench-serve bench-runtimes bench-ceiling gpu-wheels gpu-check clean
+.PHONY: test lint setup tools docs serve bench-train bench-serve bench-runtimes bench-ceiling gpu-wheels gpu-check \
+	gpu-data gpu-sweep clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -80,6 +81,22 @@ gpu-check:
 	$(GPU_PYTHON) -m pip install --quiet --no-index --no-deps --no-compile --upgrade --target $(GPU_SITE) \
 		$(GPU_WHEELS)/*.whl
 	PYTHONPATH=$(GPU_SITE):$(CURDIR) $(GPU_PYTHON) bench/gpu_check.py --data $(DATA)
+
+# Recipes compared on the held-out drive 0006R0 (issue 21's protocol), several at once: a GPU host runs in minutes
+# what takes an hour a run on 2 CPU cores. `make gpu-data` (here) packs CamVid (frames as JPEG, labels exact) and the
+# Lite0 ImageNet weights into .gpu-data/ (about 58 MiB, inside the 64 MiB a device call carries); `make gpu-sweep`
+# (on the GPU host, .gpu-data/ copied along) trains bench/sweep_recipes.txt's recipes SWEEP_PARALLEL at a time,
+# stops what still runs after SWEEP_DEADLINE seconds, and writes the table to SWEEP_OUT/sweep.md.
+SWEEP_OUT ?= runs/sweep
+SWEEP_PARALLEL ?= 3
+SWEEP_DEADLINE ?= 480
+gpu-data: setup
+	$(PY) bench/gpu_data.py --data $(DATA) --out .gpu-data
+
+gpu-sweep:
+	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) bench/sweep.py --data .gpu-data/camvid --out $(SWEEP_OUT) \
+		--parallel $(SWEEP_PARALLEL) --deadline-s $(SWEEP_DEADLINE) \
+		--common "--encoder-weights .gpu-data/weights/tf_efficientnet_lite0.pth"
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .pytest_cache .ruff_cache *.egg-info
