@@ -132,10 +132,13 @@ def _load_into(encoder: nn.Module, name: str, state: dict[str, torch.Tensor], wh
     encoder.load_state_dict({k: state[k] for k in needed if k in state}, strict=False)
 
 
-def create_encoder(name: str, weights: str | Path = "none") -> nn.Module:
-    """A timm backbone returning 5 feature maps (strides 2..32); weights `imagenet`, `none` or a path."""
+def create_encoder(name: str, weights: str | Path = "none", drop_path: float = 0.0) -> nn.Module:
+    """A timm backbone returning 5 feature maps (strides 2..32); weights `imagenet`, `none` or a path. `drop_path`:
+    stochastic depth while training (no parameters, so the weights and the served network are the same)."""
     check_encoder_name(name)
-    encoder = timm.create_model(name, pretrained=False, features_only=True)
+    if not 0 <= drop_path < 1:
+        raise ConfigError(f"--drop-path {drop_path:g}: give a probability in [0, 1), e.g. 0.2, or 0 for off")
+    encoder = timm.create_model(name, pretrained=False, features_only=True, drop_path_rate=drop_path)
     if str(weights) == "none":
         return encoder
     if str(weights) == "imagenet":

@@ -102,6 +102,6 @@ class UNet(nn.Module):
         return [*self.decoder.parameters(), *self.head.parameters()]
 
 
-def build_unet(config: UNetConfig, encoder_weights: str | Path = "none") -> UNet:
-    return UNet(config, create_encoder(config.encoder, encoder_weights))
+def build_unet(config: UNetConfig, encoder_weights: str | Path = "none", drop_path: float = 0.0) -> UNet:
+    return UNet(config, create_encoder(config.encoder, encoder_weights, drop_path))
 

@@ -47,6 +47,9 @@ class TrainConfig:
     label_smoothing: float = option(0.0, "cross-entropy against targets smoothed by EPS: 1 - EPS on the labelled "
                                     "class, EPS spread over the others, Void excluded (Szegedy et al. 2016; try "
                                     "0.1); 0: off", metavar="EPS")
+    drop_path: float = option(0.0, "stochastic depth in the encoder: each residual block is skipped for a sample with "
+                              "probability up to RATE, rising with depth (timm's drop_path_rate; EfficientNet's "
+                              "own training used 0.2); 0: off", metavar="RATE")
     teacher: tuple[Path, ...] = option((), "distil from this trained checkpoint (same classes; any encoder): its "
                                        "predictions on each training batch are a second target; several: an "
                                        "ensemble, their class probabilities averaged", nargs="+",

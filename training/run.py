@@ -29,7 +29,7 @@ HYPERPARAMS = ("encoder", "encoder_weights", "size", "epochs", "freeze_epochs", 
                "encoder_lr_mult", "weight_decay", "pct_start", "class_weights", "seed", "decoder_channels",
                "dice", "init", "scale", "lighting", "colour", "focus_classes", "focus_p", "paste_classes",
                "paste_p", "final", "holdout_drive", "valid_list", "ema", "lovasz", "ohem", "label_smoothing",
-               "teacher", "distill", "distill_temperature", "teacher_tta")
+               "drop_path", "teacher", "distill", "distill_temperature", "teacher_tta")
 # The validation metrics a checkpoint records.
 KEPT_METRICS = ("pixel_accuracy", "mean_iou", "mean_class_accuracy", "per_class_iou", "per_class_accuracy", "loss")
 

@@ -74,7 +74,7 @@ def build_model(config: TrainConfig, net_config: UNetConfig, folder: CamVidFolde
                 device: torch.device) -> UNet:
     """ImageNet encoder + fresh decoder; or --init's weights; or, resuming, the weights of the last epoch done."""
     resuming = bool(run.tensors)
-    model = build_unet(net_config, "none" if resuming or config.init else config.encoder_weights)
+    model = build_unet(net_config, "none" if resuming or config.init else config.encoder_weights, config.drop_path)
     if resuming:
         model.load_state_dict(run.tensors["model"])
     elif config.init:

@@ -80,3 +80,19 @@ def test_map_by_order_checks_count_and_shapes():
         map_by_order(a, {"p": torch.ones(2, 3), "q": torch.ones(5)}, "src")
     with pytest.raises(EncoderWeightsError, match="2 tensors, but the timm model has 1"):
         map_by_order(a, {"p": torch.ones(2, 3)}, "src")
+
+
+def test_drop_path_skips_blocks_while_training_only():
+    """Stochastic depth (--drop-path) adds no weights: in eval mode the encoder is the plain one, bit for bit, so a
+    checkpoint trained with it serves unchanged; in train mode two passes over the same batch differ."""
+    dropping = create_encoder("tf_efficientnet_lite0", "none", drop_path=0.2)
+    plain = create_encoder("tf_efficientnet_lite0", "none")
+    assert dropping.state_dict().keys() == plain.state_dict().keys()
+    plain.load_state_dict(dropping.state_dict())
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(dropping.eval()(x), plain.eval()(x), strict=True))
+        dropping.train()
+        assert not torch.equal(dropping(x)[-1], dropping(x)[-1])
+    with pytest.raises(ValueError, match=r"--drop-path 1: give a probability in \[0, 1\)"):
+        create_encoder("tf_efficientnet_lite0", "none", drop_path=1)

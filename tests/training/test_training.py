@@ -304,7 +304,7 @@ def test_evaluate_scores_a_labelled_test_only_folder_and_training_still_needs_tr
 def test_final_trains_on_train_and_valid_and_keeps_the_last_epoch(tmp_path):
     config = TrainConfig(data=CAMVID, out=tmp_path / "f.safetensors", run_dir=tmp_path / "f", epochs=2,
                          freeze_epochs=0, encoder_weights="none", final=True, scale=(0.5, 2.0), colour=0.3,
-                         focus_classes=("Pole", "Bicyclist"), size=(48, 64), **SMALL)
+                         focus_classes=("Pole", "Bicyclist"), drop_path=0.2, size=(48, 64), **SMALL)
     folder = open_folder(CAMVID)
     train_ds = training.trainer._loaders(folder, config, (48, 64), (0.5,) * 3, (0.5,) * 3, Dist(),
                                          torch.device("cpu"))[0]
@@ -313,6 +313,7 @@ def test_final_trains_on_train_and_valid_and_keeps_the_last_epoch(tmp_path):
     meta = load_checkpoint(config.out).meta
     assert meta.metrics["epoch"] == 2 and meta.metrics["split"] == "valid (trained on too: --final)"
     assert meta.train["final"] is True and meta.train["focus_classes"] == ["Pole", "Bicyclist"]
+    assert meta.train["drop_path"] == 0.2  # the card's command can be read back from the file
 
 
 def test_paste_classes_put_other_frames_people_into_the_training_frames(tmp_path):
@@ -348,6 +349,7 @@ def test_bad_augmentation_options_fail_before_anything_is_written(tmp_path, caps
                            (["--paste-p", "-1"], "--paste-p -1: must be between 0 and 1"),
                            (["--paste-classes", "Bike"], "--paste-classes Bike: not a class of this data"),
                            (["--label-smoothing", "1"], "--label-smoothing 1: give a share of the target in [0, 1)"),
+                           (["--drop-path", "-0.1"], "--drop-path -0.1: give a probability in [0, 1)"),
                            (["--scale", "2", "0.5"], "--scale 2 0.5: give MIN MAX with 0 < MIN <= MAX")):
         assert main(["train", "--data", str(CAMVID), "--out", str(out), "--run-dir", str(tmp_path / "x"), *flags,
                      "--encoder-weights", "none", "--workers", "0"]) == 2
