@@ -84,9 +84,10 @@ gpu-check:
 
 # Recipes compared on the held-out drive 0006R0 (issue 21's protocol), several at once: a GPU host runs in minutes
 # what takes an hour a run on 2 CPU cores. `make gpu-data` (here) packs CamVid (frames as JPEG, labels exact) and the
-# Lite0 ImageNet weights into .gpu-data/ (about 58 MiB, inside the 64 MiB a device call carries); `make gpu-sweep`
-# (on the GPU host, .gpu-data/ copied along) trains bench/sweep_recipes.txt's recipes SWEEP_PARALLEL at a time,
-# stops what still runs after SWEEP_DEADLINE seconds, and writes the table to SWEEP_OUT/sweep.md.
+# Lite0 ImageNet encoder weights into .gpu-data/ (about 40 MiB: with the 14 MiB working tree, inside the 64 MiB a
+# device call carries); `make gpu-sweep` (on the GPU host, .gpu-data/ copied along) trains bench/sweep_recipes.txt's
+# recipes SWEEP_PARALLEL at a time, stops what still runs after SWEEP_DEADLINE seconds, and writes the table to
+# SWEEP_OUT/sweep.md.
 SWEEP_OUT ?= runs/sweep
 SWEEP_PARALLEL ?= 3
 SWEEP_DEADLINE ?= 480
@@ -96,7 +97,7 @@ gpu-data: setup
 gpu-sweep:
 	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) bench/sweep.py --data .gpu-data/camvid --out $(SWEEP_OUT) \
 		--parallel $(SWEEP_PARALLEL) --deadline-s $(SWEEP_DEADLINE) \
-		--common "--encoder-weights .gpu-data/weights/tf_efficientnet_lite0.pth"
+		--common "--encoder-weights .gpu-data/weights/tf_efficientnet_lite0.safetensors"
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .pytest_cache .ruff_cache *.egg-info

@@ -129,7 +129,7 @@ def main() -> None:
                    help="the size the best checkpoints are scored at (the served size)")
     p.add_argument("--base", default=BASE, help="the options every recipe starts from (default: the shipped recipe)")
     p.add_argument("--common", default="", help="options appended to every recipe, e.g. \"--encoder-weights "
-                   ".gpu-data/weights/tf_efficientnet_lite0.pth --device cuda\"")
+                   ".gpu-data/weights/tf_efficientnet_lite0.safetensors --device cuda\"")
     args = p.parse_args()
     recipes = read_recipes(args.recipes)
     if args.only:
