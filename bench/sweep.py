@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from models.checkpoint import read_meta  # noqa: E402
 
 BASE = ("--encoder tf_efficientnet_lite0 --decoder-channels 128 64 32 16 16 --size 352 480 --epochs 36 "
         "--freeze-epochs 2 --dice 1.0 --bs 8 --lr 3e-3 --encoder-lr-mult 0.2 --pct-start 0.2 --scale 0.5 2.0 "
@@ -82,7 +84,9 @@ def score(args, recipe: Recipe, out: Path) -> dict:
     r["status"] = "stopped at the deadline" if recipe.result.get("stopped") else "done"
     if not epochs or not (out / f"{recipe.name}.safetensors").is_file():
         return {**r, "status": r["status"] + ", no epoch finished"}
-    best = max(epochs, key=lambda e: e["mean_iou"])
+    # The checkpoint's own record of the epoch it holds: metrics.jsonl is appended after the checkpoint is written,
+    # so a run stopped in between has a best checkpoint one epoch newer than its log says.
+    best = read_meta(out / f"{recipe.name}.safetensors").metrics
     r.update(best_epoch=best["epoch"], train_size_miou=round(best["mean_iou"], 4),
              last_miou=round(epochs[-1]["mean_iou"], 4))
     cmd = [sys.executable, "-m", "training", "evaluate", "--data", str(args.data), "--split", "valid",

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from models.checkpoint import read_meta
 from training.cli import build_parser, main
 from training.data import open_folder
 
@@ -78,6 +79,7 @@ def test_sweep_trains_each_recipe_scores_it_on_the_drive_and_reports_a_failure(t
         m = json.loads(capsys.readouterr().out)
         assert r["miou"] == round(m["mean_iou"], 4) and r["pixel_accuracy"] == round(m["pixel_accuracy"], 4)
         assert list(r["per_class_iou"]) == list(m["per_class_iou"])
+        assert r["best_epoch"] == read_meta(out / f"{name}.safetensors").metrics["epoch"]
     table = (out / "sweep.md").read_text()
     assert "| recipe | status | best epoch |" in table and table.count("\n| ") == 4  # header + 3 rows
 
@@ -94,6 +96,8 @@ def test_the_deadline_stops_runs_and_still_reports_them(tmp_path):
     assert rows["long"]["status"].startswith("stopped at the deadline") and rows["long"]["epochs_done"] < 200
     if rows["long"]["epochs_done"]:  # epochs that finished before the deadline are scored like a whole run's
         assert 0 <= rows["long"]["miou"] <= 1
+        # the epoch the scored file holds, even when the stop came between its save and its log line
+        assert rows["long"]["best_epoch"] == read_meta(out / "long.safetensors").metrics["epoch"]
     assert "next" in (out / "sweep.md").read_text() and "not started" in (out / "sweep.md").read_text()
 
 
