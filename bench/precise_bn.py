@@ -3,8 +3,9 @@
 The kept weights of a `--ema` run carry moving averages of the raw model's running statistics, gathered on
 scale-augmented crops; the served frames are whole frames at one scale. This scores a held-out-drive checkpoint
 three ways on that drive: as saved, with every BatchNorm's statistics recomputed (a plain average over batches) on
-the training frames as served (whole, un-augmented, at the eval size), and recomputed on augmented training crops (the
-recipe's own transforms) with the kept weights.
+the training frames as served (whole, un-augmented, at the eval size), and recomputed on augmented training crops with
+the kept weights (the run's scale, lighting and colour from its metadata, with rotation, crop and flip; a run's
+thin-class crops or copy-paste are not repeated).
 
     python bench/precise_bn.py --data ../shared/camvid --checkpoint runs/hd-droppath/last.safetensors \\
         [--holdout-drive 0006R0] [--size 360 480] [--crop 352 480] [--passes 1]

@@ -18,8 +18,8 @@ import precise_bn  # noqa: E402
 
 
 def test_recomputed_statistics_are_the_mean_and_variance_of_the_layers_input(checkpoint):
-    model = load_checkpoint(checkpoint).model
-    meta = load_checkpoint(checkpoint).meta
+    ckpt = load_checkpoint(checkpoint)
+    model, meta = ckpt.model, ckpt.meta
     folder = open_folder(CAMVID, holdout_drive="0006R0")
     ds = SegmentationDataset(folder.pairs("train"), eval_transforms((72, 96), meta.mean, meta.std))
     bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
