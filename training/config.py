@@ -74,6 +74,12 @@ class TrainConfig:
     ema: float = option(0.0, "keep an exponential moving average of the weights with this decay (e.g. 0.99, warmed up "
                         "from 0 by timm's ModelEmaV3); it is what is validated and saved, the raw weights' scores are "
                         "logged beside it; 0: off", metavar="DECAY")
+    swa_epochs: int = option(0, "stochastic weight averaging (Izmailov et al. 2018): the last N epochs, after the "
+                             "one-cycle schedule has ended, train at a constant LR (--swa-lr) and an equal-weight "
+                             "average of the weights after every step, BatchNorm statistics included, is what is "
+                             "validated and saved (the raw weights' scores are logged beside it); 0: off", metavar="N")
+    swa_lr: float | None = option(None, "the decoder's constant LR of the --swa-epochs (the encoder's: this x "
+                                  "--encoder-lr-mult) (default: a tenth of --lr)", metavar="LR")
     holdout_drive: str | None = option(None, "validate (and select the best epoch) on every frame of this drive (the "
                                        "file-name prefix before the first '_', e.g. 0006R0) and train on all others, "
                                        "instead of valid.txt: a drive the model never sees", metavar="DRIVE")

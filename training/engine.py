@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from models import devices
@@ -115,12 +116,39 @@ def _mean_over_processes(total: float, count: int, device: torch.device) -> floa
     return total / max(count, 1)
 
 
+class WeightAverage:
+    """--swa-epochs: stochastic weight averaging (Izmailov et al. 2018), an equal-weight average of the weights after
+    every optimizer step it is given, BatchNorm statistics averaged alongside them (as the moving average's are: a
+    recomputed set served the unseen drive no better, bench/precise_bn.py). It has ModelEmaV3's `module` and
+    `update`, so it is validated, kept and saved where --ema's average is."""
+
+    def __init__(self, model: nn.Module):
+        self.averaged = AveragedModel(model, use_buffers=True)
+
+    @property
+    def module(self) -> nn.Module:
+        return self.averaged.module
+
+    @property
+    def count(self) -> int:
+        return int(self.averaged.n_averaged)
+
+    def update(self, model: nn.Module, step: int | None = None) -> None:
+        self.averaged.update_parameters(model.module if hasattr(model, "module") else model)  # DDP: its module
+
+    def state_dict(self) -> dict:
+        return self.averaged.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.averaged.load_state_dict(state)
+
+
 def train_one_epoch(model: nn.Module, loader, loss_fn, optimizer, scheduler, device: torch.device, amp: Amp,
                     desc: str = "train", show: bool = True, ema=None, step: int = 0, teacher: nn.Module | None = None
                     ) -> float:
-    """One pass over `loader`; `ema` (timm's ModelEmaV3), if given, follows every optimizer step (`step`: the run's
-    steps before this epoch, for its warm-up); `teacher`, if given, predicts each batch too and `loss_fn` gets its
-    logits as a third argument."""
+    """One pass over `loader`; `ema` (timm's ModelEmaV3, or a WeightAverage), if given, follows every optimizer step
+    (`step`: the run's steps before this epoch, for the moving average's warm-up); `teacher`, if given, predicts
+    each batch too and `loss_fn` gets its logits as a third argument."""
     model.train()
     total, count = 0.0, 0
     bar = tqdm(loader, desc=desc, leave=False, disable=not show, dynamic_ncols=True)

@@ -21,7 +21,7 @@ from models.unet import UNet, UNetConfig
 
 from .config import TrainConfig
 from .data import CamVidFolder, DataError
-from .engine import Amp
+from .engine import Amp, WeightAverage
 from .viz import plot_curves
 
 # Settings a resumed run takes from its saved state, not from the command line.
@@ -29,7 +29,7 @@ HYPERPARAMS = ("encoder", "encoder_weights", "size", "epochs", "freeze_epochs", 
                "encoder_lr_mult", "weight_decay", "pct_start", "class_weights", "seed", "decoder_channels",
                "dice", "init", "scale", "lighting", "colour", "focus_classes", "focus_p", "paste_classes",
                "paste_p", "final", "holdout_drive", "valid_list", "ema", "lovasz", "ohem", "label_smoothing",
-               "drop_path", "teacher", "distill", "distill_temperature", "teacher_tta")
+               "drop_path", "teacher", "distill", "distill_temperature", "teacher_tta", "swa_epochs", "swa_lr")
 # The validation metrics a checkpoint records.
 KEPT_METRICS = ("pixel_accuracy", "mean_iou", "mean_class_accuracy", "per_class_iou", "per_class_accuracy", "loss")
 
@@ -90,7 +90,7 @@ class RunState:
 
     history: list[dict] = field(default_factory=list)
     best_metrics: dict = field(default_factory=dict)
-    tensors: dict = field(default_factory=dict)  # model, optimizer, scheduler, scaler (and ema) states, last epoch
+    tensors: dict = field(default_factory=dict)  # model, optimizer, scheduler, scaler (ema, swa) states, last epoch
 
     @property
     def epochs_done(self) -> int:
@@ -123,7 +123,8 @@ class RunState:
         config = dataclasses.replace(config, **{k: getattr(old, k) for k in HYPERPARAMS})
         run = json.loads(saved["run"])
         return config, cls(run["history"], run["best_metrics"], {k: saved[k] for k in
-                                                                 ("model", "optimizer", "scheduler", "scaler", "ema")
+                                                                 ("model", "optimizer", "scheduler", "scaler", "ema",
+                                                                  "swa")
                                                                  if k in saved})
 
     def save(self, path: Path, config: TrainConfig, fingerprint: dict, model: nn.Module, optimizer, scheduler,
@@ -131,7 +132,9 @@ class RunState:
         tmp = path.with_name(path.name + ".tmp")
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "scaler": amp.scaler.state_dict() if amp.scaler else {},
-                    **({"ema": ema.module.state_dict()} if ema is not None else {}),
+                    # the average this epoch kept: --ema's moving one, or --swa-epochs' (with its count)
+                    **({"swa": ema.state_dict()} if isinstance(ema, WeightAverage) else
+                       {"ema": ema.module.state_dict()} if ema is not None else {}),
                     "run": json.dumps({"history": self.history, "best_metrics": self.best_metrics}),
                     "config": json.dumps(config.to_dict()), "fingerprint": fingerprint}, tmp)
         os.replace(tmp, path)
@@ -156,7 +159,8 @@ class RunWriter:
 
     def end_epoch(self, run: RunState, metrics: dict, phase: Phase, model: UNet, optimizer, scheduler,
                   amp: Amp, ema=None) -> None:
-        """`metrics` are those of the weights kept: the moving average's with --ema, else the model's."""
+        """`metrics` are those of the weights kept: the average's (--ema's, or --swa-epochs' in its phase), else the
+        model's."""
         record = run.history[-1]
         kept = {k: metrics[k] for k in KEPT_METRICS}
         split = valid_split_name(self.config.holdout_drive, self.config.valid_list)

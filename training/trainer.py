@@ -1,7 +1,8 @@
 """fit(): the fastai CamVid recipe as plain torch.
 
 Phase 1 trains the decoder on a frozen ImageNet encoder at half size (progressive resizing); phase 2
-unfreezes everything at full size with a lower encoder LR. Each phase is one AdamW one-cycle schedule.
+unfreezes everything at full size with a lower encoder LR. Each phase is one AdamW one-cycle schedule. With
+--swa-epochs a third phase trains on at a constant LR and keeps the average of its weights (SWA).
 Every epoch validates, logs to metrics.jsonl/curves.png, and writes last/best checkpoints plus a resume
 state (run.py). Under torchrun it runs DDP.
 """
@@ -28,7 +29,7 @@ from models.unet import UNet, UNetConfig, build_unet
 
 from .config import TrainConfig
 from .data import CamVidFolder, SegmentationDataset, collate, image_size, open_folder
-from .engine import Amp, Dist, evaluate, resolve_device, train_one_epoch
+from .engine import Amp, Dist, WeightAverage, evaluate, resolve_device, train_one_epoch
 from .losses import SegmentationLoss
 from .run import Phase, RunState, RunWriter, epoch_tag
 from .transforms import ClassPaste, eval_transforms, half_size, train_transforms
@@ -42,11 +43,19 @@ def plan(config: TrainConfig, size: tuple[int, int]) -> list[Phase]:
         max(1, round(config.epochs / 4)) if pretrained and config.epochs > 1 else 0)
     if not 0 <= frozen <= config.epochs:
         raise ConfigError(f"--freeze-epochs {frozen} must be between 0 and --epochs {config.epochs}")
+    swa = config.swa_epochs
+    if swa < 0 or swa and swa >= config.epochs - frozen:
+        raise ConfigError(f"--swa-epochs {swa}: must be 0 (off) or fewer than the {config.epochs - frozen} epochs "
+                          "after the frozen ones, so that the one-cycle schedule keeps at least one")
+    if config.swa_lr is not None and not config.swa_lr > 0:
+        raise ConfigError(f"--swa-lr {config.swa_lr:g}: give a positive LR (e.g. a tenth of --lr)")
     phases = []
     if frozen:
         phases.append(Phase("frozen", 0, frozen, half_size(size) if config.progressive else size, True))
-    if config.epochs - frozen:
-        phases.append(Phase("unfrozen", frozen, config.epochs - frozen, size, False))
+    if config.epochs - frozen - swa:
+        phases.append(Phase("unfrozen", frozen, config.epochs - frozen - swa, size, False))
+    if swa:
+        phases.append(Phase("swa", config.epochs - swa, swa, size, False))
     return phases
 
 
@@ -93,6 +102,16 @@ def build_ema(config: TrainConfig, model: UNet, run: RunState) -> ModelEmaV3 | N
     if "ema" in run.tensors:
         ema.module.load_state_dict(run.tensors["ema"])
     return ema
+
+
+def build_swa(config: TrainConfig, model: UNet, run: RunState) -> WeightAverage | None:
+    """--swa-epochs: the average of the last epochs' weights; resuming inside them, the average saved so far."""
+    if not config.swa_epochs:
+        return None
+    average = WeightAverage(model)
+    if "swa" in run.tensors:
+        average.load_state_dict(run.tensors["swa"])
+    return average
 
 
 class Teacher(nn.Module):
@@ -188,10 +207,14 @@ def _loaders(folder: CamVidFolder, config: TrainConfig, size, mean, std, d: Dist
     return train_ds, sampler, train, valid
 
 
-def _optimizer(model: UNet, config: TrainConfig, steps: int, epochs: int):
-    groups = [{"params": model.encoder_parameters(), "lr": config.lr * config.encoder_lr_mult},
-              {"params": model.decoder_parameters(), "lr": config.lr}]
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+def _optimizer(model: UNet, config: TrainConfig, steps: int, epochs: int, swa: bool = False):
+    """AdamW with the encoder's LR a share of the decoder's; one-cycle, or for the --swa-epochs constant."""
+    lr = (config.lr / 10 if config.swa_lr is None else config.swa_lr) if swa else config.lr
+    groups = [{"params": model.encoder_parameters(), "lr": lr * config.encoder_lr_mult},
+              {"params": model.decoder_parameters(), "lr": lr}]
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=config.weight_decay)
+    if swa:
+        return optimizer, torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=[g["lr"] for g in groups], total_steps=epochs * steps + 1, pct_start=config.pct_start)
     return optimizer, scheduler
@@ -206,7 +229,7 @@ def run_phase(phase: Phase, config: TrainConfig, folder: CamVidFolder, model: UN
     train_ds, sampler, train_dl, valid_dl = _loaders(folder, config, phase.size, mean, std, d, device)
     net = DistributedDataParallel(model, device_ids=[d.local_rank] if device.type == "cuda" else None) \
         if d.world > 1 else model
-    optimizer, scheduler = _optimizer(model, config, len(train_dl), phase.epochs)
+    optimizer, scheduler = _optimizer(model, config, len(train_dl), phase.epochs, swa=phase.name == "swa")
     if run.epochs_done > phase.start:  # resuming inside this phase: its schedule goes on where it stopped
         optimizer.load_state_dict(run.tensors["optimizer"])
         scheduler.load_state_dict(run.tensors["scheduler"])
@@ -255,6 +278,7 @@ def fit(config: TrainConfig) -> dict:
     net_config = UNetConfig(config.encoder, folder.classes.num_classes, tuple(config.decoder_channels))
     model = build_model(config, net_config, folder, run, device)
     ema = build_ema(config, model, run)  # a bad decay fails before anything is written
+    swa = build_swa(config, model, run)
     weight = folder.class_weights().to(device) if config.class_weights == "median-freq" else None
     teacher = build_teacher(config, folder.classes, device)  # a wrong teacher fails before anything is written
     loss_fn = SegmentationLoss(folder.classes.num_classes, folder.classes.ignore_index, weight, config.dice,
@@ -269,5 +293,6 @@ def fit(config: TrainConfig) -> dict:
         log.info("training in %s on %s", amp.name, device)
     for phase in phases:
         if run.epochs_done < phase.start + phase.epochs:
-            run_phase(phase, config, folder, model, run, loss_fn, d, device, amp, writer, ema, teacher)
+            average = swa if phase.name == "swa" else ema  # the weights validated and kept in this phase
+            run_phase(phase, config, folder, model, run, loss_fn, d, device, amp, writer, average, teacher)
     return run.best_metrics

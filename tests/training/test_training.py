@@ -15,7 +15,7 @@ from models.precision import cpu_runs_bf16
 from models.processing import logits_to_mask
 from training.cli import main
 from training.data import SegmentationDataset, open_folder
-from training.engine import Amp, Dist
+from training.engine import Amp, Dist, WeightAverage
 from training.trainer import TrainConfig, fit
 from training.transforms import eval_transforms
 
@@ -414,6 +414,77 @@ def test_a_bad_ema_decay_fails_before_anything_is_written(tmp_path, capsys):
     assert main(["train", "--data", str(CAMVID), "--out", str(out), "--run-dir", str(tmp_path / "x"), "--ema", "1",
                  "--encoder-weights", "none", "--workers", "0"]) == 2
     assert "--ema 1: give a decay between 0 and 1" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not out.exists()
+
+
+def test_weight_average_is_the_plain_mean_of_the_weights_and_batchnorm_statistics_it_saw():
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2))
+    average = WeightAverage(net)
+    bn = net[1]
+    for value in (1.0, 2.0, 6.0):
+        with torch.no_grad():
+            for t in (*net.parameters(), bn.running_mean, bn.running_var):
+                t.fill_(value)
+        average.update(net)
+    kept = average.module
+    assert average.count == 3
+    for t in (*kept.parameters(), kept[1].running_mean, kept[1].running_var):
+        assert torch.allclose(t, torch.full_like(t, 3.0))  # (1 + 2 + 6) / 3
+    assert float(net[0].weight.detach().flatten()[0]) == 6.0  # the trained model itself is left alone
+
+
+def test_swa_trains_its_last_epochs_at_a_constant_lr_keeps_their_average_and_resumes_exactly(tmp_path, monkeypatch,
+                                                                                            capsys):
+    def config(name, **kw):
+        return TrainConfig(data=CAMVID, out=tmp_path / f"{name}.safetensors", run_dir=tmp_path / name, epochs=4,
+                           freeze_epochs=0, encoder_weights="none", size=(48, 64),
+                           **{**SMALL, "ema": 0.9, "swa_epochs": 2, "swa_lr": 1e-3, **kw})
+
+    best = fit(config("a"))
+    h = history(tmp_path / "a")
+    assert [r["phase"] for r in h] == ["unfrozen"] * 2 + ["swa"] * 2
+    assert h[1]["lr"] < 1e-6  # the one-cycle schedule ends in its first two epochs...
+    assert [r["lr"] for r in h[2:]] == [1e-3, 1e-3]  # ...and the decoder's LR stays at --swa-lr after it
+    assert all("raw_mean_iou" in r for r in h)
+    state = torch.load(tmp_path / "a" / "state.pt", weights_only=True)
+    steps = math.ceil(len(open_folder(CAMVID).pairs("train")) / SMALL["bs"])
+    assert int(state["swa"]["n_averaged"]) == 2 * steps  # every step of the two SWA epochs, none before
+    kept = load_checkpoint(tmp_path / "a" / "last.safetensors").model.state_dict()
+    assert any(not torch.allclose(kept[k], state["model"][k].float()) for k in kept if kept[k].is_floating_point())
+    # the checkpoint holds the average: re-scoring it gives its recorded score
+    capsys.readouterr()
+    assert main(["evaluate", "--data", str(CAMVID), "--checkpoint", str(tmp_path / "a" / "last.safetensors"),
+                 "--json", "--workers", "0"]) == 0
+    assert json.loads(capsys.readouterr().out)["mean_iou"] == pytest.approx(h[-1]["mean_iou"], abs=1e-6)
+    assert best["mean_iou"] == max(r["mean_iou"] for r in h)
+
+    # crash after the first SWA epoch's state is written; the resumed run ends with the same average
+    real_save = training.trainer.RunState.save
+
+    def save_then_crash(self, *args, **kwargs):
+        real_save(self, *args, **kwargs)
+        if self.epochs_done == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.trainer.RunState, "save", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        fit(config("b"))
+    monkeypatch.setattr(training.trainer.RunState, "save", real_save)
+    fit(config("b", resume=True, swa_lr=5e-2))  # the saved settings win
+    again = load_checkpoint(tmp_path / "b" / "last.safetensors").model.state_dict()
+    for k in kept:
+        assert torch.allclose(kept[k], again[k], atol=1e-6), k
+
+
+def test_bad_swa_options_fail_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "x.safetensors"
+    for flags, message in ((["--swa-epochs", "20"], "--swa-epochs 20: must be 0 (off) or fewer than the 20 epochs"),
+                           (["--swa-epochs", "-1"], "--swa-epochs -1: must be 0 (off) or fewer than the 20 epochs"),
+                           (["--swa-epochs", "3", "--swa-lr", "0"], "--swa-lr 0: give a positive LR")):
+        assert main(["train", "--data", str(CAMVID), "--out", str(out), "--run-dir", str(tmp_path / "x"), *flags,
+                     "--epochs", "20", "--encoder-weights", "none", "--workers", "0"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
     assert not (tmp_path / "x").exists() and not out.exists()
 
 
