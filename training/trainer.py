@@ -243,8 +243,9 @@ def run_phase(phase: Phase, config: TrainConfig, folder: CamVidFolder, model: UN
         train_loss = train_one_epoch(net, train_dl, loss_fn, optimizer, scheduler, device, amp,
                                      epoch_tag(epoch, config, phase), show, ema, epoch * len(train_dl),
                                      teacher)
-        if d.world > 1:  # BatchNorm statistics drift apart per process; validate with the ones rank 0 saves
-            for buffer in model.buffers():
+        if d.world > 1:  # BatchNorm statistics drift apart per process (the average's too, which each process
+            # keeps of its own): validate with the ones rank 0 saves
+            for buffer in [*model.buffers(), *([] if ema is None else ema.module.buffers())]:
                 torch.distributed.broadcast(buffer, 0)
         c = folder.classes
         scores = [evaluate(m, valid_dl, c.num_classes, c.ignore_index, c.void_index, device, list(c.names), "valid",

@@ -208,13 +208,15 @@ def test_ddp_two_processes_with_gloo(tmp_path, capsys):
     out, run_dir = tmp_path / "ddp.safetensors", tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "training", "train", "--data", str(CAMVID), "--out", str(out), "--run-dir", str(run_dir),
-           "--device", "cpu", "--encoder", "resnet18", "--encoder-weights", "none", "--epochs", "2",
-           "--bs", "2", "--workers", "0", "--quiet"]
+           "--device", "cpu", "--encoder", "resnet18", "--encoder-weights", "none", "--epochs", "3",
+           "--bs", "2", "--workers", "0", "--quiet", "--ema", "0.9", "--swa-epochs", "1"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     h = history(run_dir)
-    assert [r["epoch"] for r in h] == [1, 2]  # rank 0 alone wrote the log
-    # the 2 validation shards were all-reduced: one process scoring all images gets the same numbers
+    assert [r["epoch"] for r in h] == [1, 2, 3]  # rank 0 alone wrote the log
+    assert [r["phase"] for r in h] == ["unfrozen", "unfrozen", "swa"]
+    # the 2 validation shards were all-reduced: one process scoring all images gets the same numbers (the kept
+    # average's BatchNorm statistics, which each process keeps of its own, are rank 0's, which it saves)
     assert main(["evaluate", "--data", str(CAMVID), "--checkpoint", str(run_dir / "last.safetensors"),
                  "--json", "--workers", "0"]) == 0
     m = json.loads(capsys.readouterr().out)
