@@ -3,6 +3,7 @@ import math
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,22 @@ SMALL = dict(encoder="tf_efficientnet_lite0", decoder_channels=(64, 32, 16, 16, 
 
 def history(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@contextmanager
+def power_cut_after_saving_epoch(monkeypatch, n: int):
+    """The run inside stops (KeyboardInterrupt) right after epoch `n`'s resume state is written."""
+    real_save = training.trainer.RunState.save
+
+    def save_then_crash(self, *args, **kwargs):
+        real_save(self, *args, **kwargs)
+        if self.epochs_done == n:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.trainer.RunState, "save", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        yield
+    monkeypatch.setattr(training.trainer.RunState, "save", real_save)
 
 
 @pytest.fixture(scope="module")
@@ -386,17 +403,8 @@ def test_ema_is_validated_and_saved_beside_the_raw_weights_scores_and_resumes(tm
                            freeze_epochs=0, encoder_weights="none", ema=0.9, size=(48, 64), **{**SMALL, **kw})
 
     # crash after epoch 2's state is written, then resume: the average goes on from its saved weights
-    real_save = training.trainer.RunState.save
-
-    def save_then_crash(self, *args, **kwargs):
-        real_save(self, *args, **kwargs)
-        if self.epochs_done == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(training.trainer.RunState, "save", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
+    with power_cut_after_saving_epoch(monkeypatch, 2):
         fit(config())
-    monkeypatch.setattr(training.trainer.RunState, "save", real_save)
     state = torch.load(tmp_path / "e" / "state.pt", weights_only=True)
     assert set(state["ema"]) == set(state["model"])
     assert any(not torch.equal(state["ema"][k], state["model"][k]) for k in state["model"])
@@ -461,17 +469,8 @@ def test_swa_trains_its_last_epochs_at_a_constant_lr_keeps_their_average_and_res
     assert best["mean_iou"] == max(r["mean_iou"] for r in h)
 
     # crash after the first SWA epoch's state is written; the resumed run ends with the same average
-    real_save = training.trainer.RunState.save
-
-    def save_then_crash(self, *args, **kwargs):
-        real_save(self, *args, **kwargs)
-        if self.epochs_done == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(training.trainer.RunState, "save", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
+    with power_cut_after_saving_epoch(monkeypatch, 3):
         fit(config("b"))
-    monkeypatch.setattr(training.trainer.RunState, "save", real_save)
     fit(config("b", resume=True, swa_lr=5e-2))  # the saved settings win
     again = load_checkpoint(tmp_path / "b" / "last.safetensors").model.state_dict()
     for k in kept:
