@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 from pathlib import Path
 
@@ -62,7 +63,11 @@ def training_rows() -> list[str]:
         flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
         default = "required" if f.default is dataclasses.MISSING else "off" if isinstance(f.default, bool) \
             else shown(f.default)
-        help_text = sentence(f.metadata.get("help", "")) + choices_of(f.metadata.get("choices"))
+        help_text = f.metadata.get("help", "")
+        derived = re.search(r"\s*\(default: ([^()]*)\)$", help_text)
+        if f.default is None and derived:  # worked out at run time: say how, not "none"
+            default, help_text = derived[1], help_text[:derived.start()]
+        help_text = sentence(help_text) + choices_of(f.metadata.get("choices"))
         rows.append(f"| `{flag}` | {default} | {cell(help_text)} |")
     return rows
 
