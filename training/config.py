@@ -36,6 +36,8 @@ class TrainConfig:
     lr: float = option(2e-3, "peak decoder LR of the one-cycle schedule")
     encoder_lr_mult: float = option(0.1, "encoder LR = lr * this once unfrozen (fastai's slice(lr/x, lr))")
     weight_decay: float = option(1e-2, "AdamW weight decay", flag="--wd")
+    wd_norm_bias: bool = option(True, "exempt normalisation weights and all biases (every 1-d parameter) from the "
+                                "weight decay, as fastai (wd_bn_bias=False) and timm do", flag="--no-wd-norm-bias")
     pct_start: float = option(0.3, "fraction of each cycle spent warming up")
     class_weights: str = option("none", "median-freq: SegNet's median-frequency class weights",
                                 choices=["none", "median-freq"])

@@ -26,10 +26,11 @@ from .viz import plot_curves
 
 # Settings a resumed run takes from its saved state, not from the command line.
 HYPERPARAMS = ("encoder", "encoder_weights", "size", "epochs", "freeze_epochs", "progressive", "bs", "lr",
-               "encoder_lr_mult", "weight_decay", "pct_start", "class_weights", "seed", "decoder_channels",
-               "dice", "init", "scale", "lighting", "colour", "focus_classes", "focus_p", "paste_classes",
-               "paste_p", "final", "holdout_drive", "valid_list", "ema", "lovasz", "ohem", "label_smoothing",
-               "drop_path", "teacher", "distill", "distill_temperature", "teacher_tta", "swa_epochs", "swa_lr")
+               "encoder_lr_mult", "weight_decay", "wd_norm_bias", "pct_start", "class_weights", "seed",
+               "decoder_channels", "dice", "init", "scale", "lighting", "colour", "focus_classes", "focus_p",
+               "paste_classes", "paste_p", "final", "holdout_drive", "valid_list", "ema", "lovasz", "ohem",
+               "label_smoothing", "drop_path", "teacher", "distill", "distill_temperature", "teacher_tta",
+               "swa_epochs", "swa_lr")
 # The validation metrics a checkpoint records.
 KEPT_METRICS = ("pixel_accuracy", "mean_iou", "mean_class_accuracy", "per_class_iou", "per_class_accuracy", "loss")
 

@@ -212,6 +212,9 @@ def _optimizer(model: UNet, config: TrainConfig, steps: int, epochs: int, swa: b
     lr = (config.lr / 10 if config.swa_lr is None else config.swa_lr) if swa else config.lr
     groups = [{"params": model.encoder_parameters(), "lr": lr * config.encoder_lr_mult},
               {"params": model.decoder_parameters(), "lr": lr}]
+    if not config.wd_norm_bias:  # each part split in two: matrices and kernels decay, 1-d parameters do not
+        groups = [{**g, "params": [p for p in g["params"] if (p.ndim > 1) == decays], "weight_decay": wd}
+                  for g in groups for decays, wd in ((True, config.weight_decay), (False, 0.0))]
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=config.weight_decay)
     if swa:
         return optimizer, torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)

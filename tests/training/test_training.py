@@ -14,6 +14,7 @@ import training.trainer
 from models.checkpoint import load_checkpoint
 from models.precision import cpu_runs_bf16
 from models.processing import logits_to_mask
+from models.unet import UNetConfig, build_unet
 from training.cli import main
 from training.data import SegmentationDataset, open_folder
 from training.engine import Amp, Dist, WeightAverage
@@ -323,7 +324,8 @@ def test_evaluate_scores_a_labelled_test_only_folder_and_training_still_needs_tr
 def test_final_trains_on_train_and_valid_and_keeps_the_last_epoch(tmp_path):
     config = TrainConfig(data=CAMVID, out=tmp_path / "f.safetensors", run_dir=tmp_path / "f", epochs=2,
                          freeze_epochs=0, encoder_weights="none", final=True, scale=(0.5, 2.0), colour=0.3,
-                         focus_classes=("Pole", "Bicyclist"), drop_path=0.2, size=(48, 64), **SMALL)
+                         focus_classes=("Pole", "Bicyclist"), drop_path=0.2, wd_norm_bias=False, size=(48, 64),
+                         **SMALL)
     folder = open_folder(CAMVID)
     train_ds = training.trainer._loaders(folder, config, (48, 64), (0.5,) * 3, (0.5,) * 3, Dist(),
                                          torch.device("cpu"))[0]
@@ -333,6 +335,28 @@ def test_final_trains_on_train_and_valid_and_keeps_the_last_epoch(tmp_path):
     assert meta.metrics["epoch"] == 2 and meta.metrics["split"] == "valid (trained on too: --final)"
     assert meta.train["final"] is True and meta.train["focus_classes"] == ["Pole", "Bicyclist"]
     assert meta.train["drop_path"] == 0.2  # the card's command can be read back from the file
+    assert meta.train["wd_norm_bias"] is False
+
+
+@pytest.mark.parametrize("wd_norm_bias", [True, False])
+def test_no_wd_norm_bias_leaves_normalisation_weights_and_biases_undecayed(wd_norm_bias):
+    """With zero gradients an AdamW step only decays: a parameter shrinks by exactly (1 - lr x wd) or stays put."""
+    config = TrainConfig(data=CAMVID, out=Path("unused.safetensors"), encoder_weights="none", wd_norm_bias=wd_norm_bias,
+                         weight_decay=0.5, lr=0.1, encoder_lr_mult=0.2, **SMALL)
+    model = build_unet(UNetConfig(config.encoder, 12, config.decoder_channels))
+    optimizer, _ = training.trainer._optimizer(model, config, steps=4, epochs=1)
+    lr = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert len(lr) == len(list(model.parameters()))  # every parameter is in exactly one group
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    vectors = 0
+    for name, p in model.named_parameters():
+        decayed = wd_norm_bias or p.ndim > 1
+        vectors += p.ndim == 1
+        assert torch.allclose(p.detach(), before[name] * (1 - lr[id(p)] * 0.5 if decayed else 1.0)), name
+    assert vectors > 20  # the BatchNorm weights and biases of encoder and decoder, and the head's bias
 
 
 def test_paste_classes_put_other_frames_people_into_the_training_frames(tmp_path):
