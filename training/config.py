@@ -100,7 +100,9 @@ class TrainConfig:
     workers: int = option(2, "DataLoader worker processes")
     seed: int = option(0, "seeds the weights, the augmentation and the order: a CPU run is repeatable")
     run_dir: Path | None = option(None, "logs, last checkpoint, resume state (default runs/<out stem>)")
-    resume: bool = option(False, "continue the run in --run-dir")
+    resume: bool = option(False, "continue the run in --run-dir with the settings it started with: a warning names "
+                          "the command line's settings that differ (ignored), and options newer than the run stay "
+                          "at their defaults")
     resume_if_any: bool = option(False, "continue the run in --run-dir if it holds one, else start it there (for "
                                  "cluster jobs, whose pods may be restarted)")
     half: bool = option(False, "store fp16 weights in the checkpoints (half the file size)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -31,6 +32,18 @@ HYPERPARAMS = ("encoder", "encoder_weights", "size", "epochs", "freeze_epochs", 
                "paste_classes", "paste_p", "final", "holdout_drive", "valid_list", "ema", "lovasz", "ohem",
                "label_smoothing", "drop_path", "teacher", "distill", "distill_temperature", "teacher_tta",
                "swa_epochs", "swa_lr")
+log = logging.getLogger(__name__)
+
+
+def _as_option(name: str, value) -> str:
+    """How `value` of setting `name` reads on a command line: `--epochs 36`, `--no-progressive`, `without --ema`."""
+    field = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
+    flag = field.metadata.get("flag", "--" + name.replace("_", "-"))
+    if isinstance(value, bool):
+        return flag if value != field.default else f"without {flag}"
+    return f"{flag} {' '.join(map(str, value)) if isinstance(value, (tuple, list)) else value}"
+
+
 # The validation metrics a checkpoint records.
 KEPT_METRICS = ("pixel_accuracy", "mean_iou", "mean_class_accuracy", "per_class_iou", "per_class_accuracy", "loss")
 
@@ -119,8 +132,21 @@ class RunState:
         if saved["fingerprint"]["sha256"] != fingerprint["sha256"]:
             raise DataError(f"{path}: the run was started on other data ({saved['fingerprint']['files']} files, "
                             f"now {fingerprint['files']}); resume on the same folder or start a new --run-dir")
-        # settings the saved run lacks (it predates them) keep the command line's value
-        old = TrainConfig.from_dict({**config.to_dict(), **json.loads(saved["config"])})
+        return cls._resumed(config, saved)
+
+    @classmethod
+    def _resumed(cls, config: TrainConfig, saved: dict) -> tuple[TrainConfig, RunState]:
+        kept = json.loads(saved["config"])
+        # A setting the saved run lacks was added to the package after the run started: the run has been training
+        # without it, which is its default (off), not whatever the command line says now.
+        kept = {**{f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name in HYPERPARAMS},
+                **kept}
+        old = TrainConfig.from_dict({**config.to_dict(), **kept})
+        ignored = [f"{_as_option(k, getattr(config, k))} (the run's: {_as_option(k, getattr(old, k))})"
+                   for k in HYPERPARAMS if getattr(config, k) != getattr(old, k)]
+        if ignored:
+            log.warning("--resume continues the saved run with its own settings; ignored from the command line: %s",
+                        "; ".join(ignored))
         config = dataclasses.replace(config, **{k: getattr(old, k) for k in HYPERPARAMS})
         run = json.loads(saved["run"])
         return config, cls(run["history"], run["best_metrics"], {k: saved[k] for k in

@@ -1,4 +1,5 @@
 import json
+import logging
 import math
 import os
 import subprocess
@@ -419,6 +420,29 @@ def test_holdout_drive_selects_on_the_drive_and_evaluate_scores_it_again(tmp_pat
     resumed = TrainConfig(data=CAMVID, out=out, run_dir=tmp_path / "h", epochs=2, resume=True, **SMALL)
     assert training.trainer.RunState.start(tmp_path / "h", resumed, open_folder(CAMVID).fingerprint())[0] \
         .holdout_drive == "0006R0"
+
+
+def test_resume_keeps_the_saved_runs_settings_and_names_the_command_line_ones_it_ignored(tmp_path, caplog):
+    config = TrainConfig(data=CAMVID, out=tmp_path / "r.safetensors", run_dir=tmp_path / "r", epochs=1,
+                         freeze_epochs=0, encoder_weights="none", size=(48, 64), **SMALL)
+    fit(config)
+    # a run started before --swa-epochs and --no-wd-norm-bias existed: its saved settings lack them
+    state = tmp_path / "r" / "state.pt"
+    saved = torch.load(state, weights_only=True)
+    settings = json.loads(saved["config"])
+    del settings["swa_epochs"], settings["wd_norm_bias"]
+    torch.save({**saved, "config": json.dumps(settings)}, state)
+    again = TrainConfig(**{**config.__dict__, "resume": True, "epochs": 3, "swa_epochs": 2, "wd_norm_bias": False,
+                           "lr": 0.5})
+    with caplog.at_level(logging.WARNING, logger="training.run"):
+        kept, run = training.trainer.RunState.start(tmp_path / "r", again, open_folder(CAMVID).fingerprint())
+    # the run goes on as it was trained: without the options it predates, whatever the command line says
+    assert (kept.epochs, kept.swa_epochs, kept.wd_norm_bias, kept.lr) == (1, 0, True, config.lr)
+    assert run.epochs_done == 1
+    said = caplog.text
+    assert "--epochs 3 (the run's: --epochs 1)" in said and "--swa-epochs 2 (the run's: --swa-epochs 0)" in said
+    assert "--no-wd-norm-bias (the run's: without --no-wd-norm-bias)" in said and "--lr 0.5" in said
+    assert "--seed" not in said and "--bs" not in said  # what agrees is not listed
 
 
 def test_ema_is_validated_and_saved_beside_the_raw_weights_scores_and_resumes(tmp_path, monkeypatch, capsys):
