@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from service.settings import DEFAULT_CACHE, DEFAULT_CHECKPOINT, Settings  # noqa: E402
-from training.config import TrainConfig  # noqa: E402
+from training.config import TrainConfig, flag_of  # noqa: E402
 
 PAGE = ROOT / "docs" / "configuration.md"
 # Defaults that depend on the machine or the checkout, shown as what they mean
@@ -60,7 +60,7 @@ def service_rows() -> list[str]:
 def training_rows() -> list[str]:
     rows = ["| option | default | meaning |", "|---|---|---|"]
     for f in dataclasses.fields(TrainConfig):
-        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        flag = flag_of(f)
         default = "required" if f.default is dataclasses.MISSING else "off" if isinstance(f.default, bool) \
             else shown(f.default)
         help_text = f.metadata.get("help", "")

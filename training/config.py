@@ -138,14 +138,19 @@ def _base(kind):
     return kind
 
 
+def flag_of(f: dataclasses.Field) -> str:
+    """The command-line option of a TrainConfig field: its `flag`, or --the-field-name."""
+    return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+
+
 def add_options(parser: argparse.ArgumentParser, names: list[str] | None = None) -> None:
     """TrainConfig's fields (all, or `names`) as options: dest = field name, default = the field's default."""
     hints = get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         if names is not None and f.name not in names:
             continue
-        kwargs = dict(f.metadata)
-        flag = kwargs.pop("flag", "--" + f.name.replace("_", "-"))
+        kwargs = {k: v for k, v in f.metadata.items() if k != "flag"}
+        flag = flag_of(f)
         kind = _base(hints[f.name])
         if f.default is MISSING:
             kwargs["required"] = True

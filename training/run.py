@@ -20,7 +20,7 @@ from models.encoders import normalization
 from models.errors import UserError
 from models.unet import UNet, UNetConfig
 
-from .config import TrainConfig
+from .config import TrainConfig, flag_of
 from .data import CamVidFolder, DataError
 from .engine import Amp, WeightAverage
 from .viz import plot_curves
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 def _as_option(name: str, value) -> str:
     """How `value` of setting `name` reads on a command line: `--epochs 36`, `--no-progressive`, `without --ema`."""
     field = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
-    flag = field.metadata.get("flag", "--" + name.replace("_", "-"))
+    flag = flag_of(field)
     if isinstance(value, bool):
         return flag if value != field.default else f"without {flag}"
     return f"{flag} {' '.join(map(str, value)) if isinstance(value, (tuple, list)) else value}"
