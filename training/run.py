@@ -105,6 +105,7 @@ class RunState:
     history: list[dict] = field(default_factory=list)
     best_metrics: dict = field(default_factory=dict)
     tensors: dict = field(default_factory=dict)  # model, optimizer, scheduler, scaler (ema, swa) states, last epoch
+    ignored: list[str] = field(default_factory=list)  # command-line settings a resumed run overrode, as options
 
     @property
     def epochs_done(self) -> int:
@@ -144,15 +145,21 @@ class RunState:
         old = TrainConfig.from_dict({**config.to_dict(), **kept})
         ignored = [f"{_as_option(k, getattr(config, k))} (the run's: {_as_option(k, getattr(old, k))})"
                    for k in HYPERPARAMS if getattr(config, k) != getattr(old, k)]
-        if ignored:
-            log.warning("--resume continues the saved run with its own settings; ignored from the command line: %s",
-                        "; ".join(ignored))
         config = dataclasses.replace(config, **{k: getattr(old, k) for k in HYPERPARAMS})
         run = json.loads(saved["run"])
         return config, cls(run["history"], run["best_metrics"], {k: saved[k] for k in
                                                                  ("model", "optimizer", "scheduler", "scaler", "ema",
                                                                   "swa")
-                                                                 if k in saved})
+                                                                 if k in saved}, ignored)
+
+    def announce(self, run_dir: Path, config: TrainConfig) -> None:
+        """Say that a run resumes, and which command-line settings it ignores (once: rank 0 calls it)."""
+        if not self.epochs_done:
+            return
+        log.info("resuming %s at epoch %d/%d with its saved settings", run_dir, self.epochs_done + 1, config.epochs)
+        if self.ignored:
+            log.warning("--resume continues the saved run with its own settings; ignored from the command line: %s",
+                        "; ".join(self.ignored))
 
     def save(self, path: Path, config: TrainConfig, fingerprint: dict, model: nn.Module, optimizer, scheduler,
              amp: Amp, ema=None) -> None:

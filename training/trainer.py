@@ -290,8 +290,8 @@ def fit(config: TrainConfig) -> dict:
                                temperature=config.distill_temperature, ohem=config.ohem,
                                label_smoothing=config.label_smoothing)
     writer = RunWriter(run_dir, config, folder, fingerprint, net_config, run) if d.main else None
-    if d.main and run.epochs_done:
-        log.info("resuming %s at epoch %d/%d with its saved settings", run_dir, run.epochs_done + 1, config.epochs)
+    if d.main:
+        run.announce(run_dir, config)
     amp = Amp.for_device(device, config.precision)
     if d.main:
         log.info("training in %s on %s", amp.name, device)

@@ -434,8 +434,9 @@ def test_resume_keeps_the_saved_runs_settings_and_names_the_command_line_ones_it
     torch.save({**saved, "config": json.dumps(settings)}, state)
     again = TrainConfig(**{**config.__dict__, "resume": True, "epochs": 3, "swa_epochs": 2, "wd_norm_bias": False,
                            "lr": 0.5})
+    kept, run = training.trainer.RunState.start(tmp_path / "r", again, open_folder(CAMVID).fingerprint())
     with caplog.at_level(logging.WARNING, logger="training.run"):
-        kept, run = training.trainer.RunState.start(tmp_path / "r", again, open_folder(CAMVID).fingerprint())
+        run.announce(tmp_path / "r", kept)  # what rank 0 says; the other ranks stay quiet
     # the run goes on as it was trained: without the options it predates, whatever the command line says
     assert (kept.epochs, kept.swa_epochs, kept.wd_norm_bias, kept.lr) == (1, 0, True, config.lr)
     assert run.epochs_done == 1
