@@ -4,8 +4,8 @@ The kept weights of a `--ema` run carry moving averages of the raw model's runni
 scale-augmented crops; the served frames are whole frames at one scale. This scores a held-out-drive checkpoint
 three ways on that drive: as saved, with every BatchNorm's statistics recomputed (a plain average over batches) on
 the training frames as served (whole, un-augmented, at the eval size), and recomputed on augmented training crops with
-the kept weights (the run's scale, lighting and colour from its metadata, with rotation, crop and flip; a run's
-thin-class crops or copy-paste are not repeated).
+the kept weights (every augmentation the run trained with, read from its metadata: scale, lighting, colour,
+thin-class crops, copy-paste).
 
     python bench/precise_bn.py --data ../shared/camvid --checkpoint runs/hd-droppath/last.safetensors \\
         [--holdout-drive 0006R0] [--size 360 480] [--crop 352 480] [--passes 1]
@@ -25,9 +25,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.checkpoint import load_checkpoint  # noqa: E402
+from training.config import TrainConfig  # noqa: E402
 from training.data import SegmentationDataset, collate, open_folder  # noqa: E402
 from training.engine import evaluate  # noqa: E402
-from training.transforms import eval_transforms, train_transforms  # noqa: E402
+from training.trainer import training_dataset  # noqa: E402
+from training.transforms import eval_transforms  # noqa: E402
 
 
 def score(model, folder, meta, size, bs: int) -> tuple[float, float]:
@@ -73,9 +75,9 @@ def main() -> None:
     print(f"{a.checkpoint} on {a.holdout_drive} at {size[0]}x{size[1]}: mIoU / pixel accuracy")
     print("as saved:", *(f"{v:.4f}" for v in score(ckpt.model, folder, meta, size, a.bs)))
     whole = SegmentationDataset(folder.pairs("train"), eval_transforms(size, meta.mean, meta.std))
-    augmented = SegmentationDataset(folder.pairs("train"), train_transforms(
-        crop, meta.mean, meta.std, folder.classes.ignore_index, tuple(train.get("scale", (0.75, 1.25))),
-        max_lighting=train.get("lighting", 0.2), colour=train.get("colour", 0.0)))
+    # the run's own settings (its holdout, so the frames are the ones it trained on; not --final's extra ones)
+    config = TrainConfig.from_dict({**train, "data": a.data, "final": False})
+    augmented = training_dataset(folder, config, crop, meta.mean, meta.std)
     for name, ds in (("recomputed on whole frames", whole), ("recomputed on augmented crops", augmented)):
         model = load_checkpoint(a.checkpoint).model
         recompute(model, ds, a.bs, a.passes)

@@ -188,15 +188,20 @@ def augmentation_focus(config: TrainConfig, classes) -> tuple[int, ...]:
     return class_indices("--focus-classes", config.focus_classes, classes)
 
 
-def _loaders(folder: CamVidFolder, config: TrainConfig, size, mean, std, d: Dist, device) -> tuple:
-    ignore = folder.classes.ignore_index
-    augment = train_transforms(size, mean, std, ignore, tuple(config.scale), max_lighting=config.lighting,
-                               colour=config.colour, focus=augmentation_focus(config, folder.classes),
-                               p_focus=config.focus_p)
+def training_dataset(folder: CamVidFolder, config: TrainConfig, size, mean, std) -> SegmentationDataset:
+    """The frames a run trains on, with every augmentation its config asks for (scale, lighting, colour, thin-class
+    crops, copy-paste), cropped to `size`."""
+    augment = train_transforms(size, mean, std, folder.classes.ignore_index, tuple(config.scale),
+                               max_lighting=config.lighting, colour=config.colour,
+                               focus=augmentation_focus(config, folder.classes), p_focus=config.focus_p)
     paste = ClassPaste(class_indices("--paste-classes", config.paste_classes, folder.classes), config.paste_p) \
         if config.paste_classes and config.paste_p > 0 else None
     pairs = folder.pairs("train") + (folder.pairs("valid") if config.final else [])
-    train_ds = SegmentationDataset(pairs, augment, config.seed, paste)
+    return SegmentationDataset(pairs, augment, config.seed, paste)
+
+
+def _loaders(folder: CamVidFolder, config: TrainConfig, size, mean, std, d: Dist, device) -> tuple:
+    train_ds = training_dataset(folder, config, size, mean, std)
     valid_ds = SegmentationDataset(folder.pairs("valid"), eval_transforms(size, mean, std))
     sampler = DistributedSampler(train_ds, num_replicas=d.world, rank=d.rank, shuffle=True, seed=config.seed)
     common = dict(num_workers=config.workers, collate_fn=collate, pin_memory=device.type == "cuda")

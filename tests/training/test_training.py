@@ -377,7 +377,11 @@ def test_paste_classes_put_other_frames_people_into_the_training_frames(tmp_path
     changed = pasted != raw
     assert changed.any() and torch.isin(pasted[changed], people).all()  # only people were added
     fit(config)
-    assert load_checkpoint(config.out).meta.train["paste_classes"] == ["Pedestrian", "Bicyclist"]
+    saved = load_checkpoint(config.out).meta.train
+    assert saved["paste_classes"] == ["Pedestrian", "Bicyclist"]
+    # what bench/precise_bn.py rebuilds from a checkpoint: the run's own augmentations, paste included
+    again = training.trainer.training_dataset(folder, TrainConfig.from_dict(saved), (48, 64), (0.5,) * 3, (0.5,) * 3)
+    assert again.paste is not None and len(again) == len(train_ds)
 
 
 def test_bad_augmentation_options_fail_before_anything_is_written(tmp_path, capsys):
