@@ -75,7 +75,7 @@ def main() -> None:
     print(f"{a.checkpoint} on {a.holdout_drive} at {size[0]}x{size[1]}: mIoU / pixel accuracy")
     print("as saved:", *(f"{v:.4f}" for v in score(ckpt.model, folder, meta, size, a.bs)))
     whole = SegmentationDataset(folder.pairs("train"), eval_transforms(size, meta.mean, meta.std))
-    # the run's own settings (its holdout, so the frames are the ones it trained on; not --final's extra ones)
+    # the run's own augmentations, on the frames --holdout-drive leaves for training (never --final's held-out ones)
     config = TrainConfig.from_dict({**train, "data": a.data, "final": False})
     augmented = training_dataset(folder, config, crop, meta.mean, meta.std)
     for name, ds in (("recomputed on whole frames", whole), ("recomputed on augmented crops", augmented)):
