@@ -75,8 +75,12 @@ def main() -> None:
     print(f"{a.checkpoint} on {a.holdout_drive} at {size[0]}x{size[1]}: mIoU / pixel accuracy")
     print("as saved:", *(f"{v:.4f}" for v in score(ckpt.model, folder, meta, size, a.bs)))
     whole = SegmentationDataset(folder.pairs("train"), eval_transforms(size, meta.mean, meta.std))
-    # the run's own augmentations, on the frames --holdout-drive leaves for training (never --final's held-out ones)
-    config = TrainConfig.from_dict({**train, "data": a.data, "final": False})
+    # the run's own augmentations, on the frames --holdout-drive leaves for training (never --final's held-out ones);
+    # a checkpoint saved without its training settings (imported, or by hand) gets the train command's defaults
+    if not train:
+        print("the checkpoint records no training settings: augmented crops use the train command's defaults",
+              file=sys.stderr)
+    config = TrainConfig.from_dict({"out": a.checkpoint, **train, "data": a.data, "final": False})
     augmented = training_dataset(folder, config, crop, meta.mean, meta.std)
     for name, ds in (("recomputed on whole frames", whole), ("recomputed on augmented crops", augmented)):
         model = load_checkpoint(a.checkpoint).model

@@ -37,6 +37,8 @@ def test_the_script_scores_a_checkpoint_three_ways(checkpoint):
                            "--checkpoint", str(checkpoint), "--size", "72", "96", "--crop", "64", "96"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
+    # the fixture was saved without training settings, as an imported checkpoint is: defaults, said so
+    assert "records no training settings" in done.stderr
     lines = done.stdout.strip().splitlines()
     assert [x.split(":")[0] for x in lines[1:]] == ["as saved", "recomputed on whole frames",
                                                    "recomputed on augmented crops"]
