@@ -83,7 +83,7 @@ gpu-check:
 	PYTHONPATH=$(GPU_SITE):$(CURDIR) $(GPU_PYTHON) bench/gpu_check.py --data $(DATA)
 
 # Recipes compared on the held-out drive 0006R0 (issue 21's protocol), several at once: a GPU host runs in minutes
-# what takes an hour a run on 2 CPU cores. `make gpu-data` (here) packs CamVid (frames as JPEG, labels exact) and the
+# what takes one to two hours a run on 2 CPU cores. `make gpu-data` (here) packs CamVid (frames as JPEG, labels exact) and the
 # Lite0 ImageNet encoder weights into .gpu-data/ (about 40 MiB: with the 14 MiB working tree, inside the 64 MiB a
 # device call carries); `make gpu-sweep` (on the GPU host, .gpu-data/ copied along) trains bench/sweep_recipes.txt's
 # recipes SWEEP_PARALLEL at a time, stops what still runs after SWEEP_DEADLINE seconds, and writes the table to

@@ -1,9 +1,9 @@
 """Compare training recipes on a held-out drive: several `python -m training train` runs side by side, each
 scored at the served size, in one table (issue 21's protocol: choose on drive 0006R0, never on valid.txt).
 
-Each recipe is the shipped recipe (BASE: models/README.md, "The sixth lever") with its own options appended;
+Each recipe is the shipped recipe (BASE: models/README.md, "How it was made") with its own options appended;
 argparse keeps the last value of an option given twice, so an appended option overrides the base one. Built for a
-GPU host, where a run of the shipped recipe takes minutes instead of the hour it takes on 2 CPU cores, it runs
+GPU host, where a run of the shipped recipe takes minutes instead of the two hours it takes on 2 CPU cores, it runs
 anywhere `python -m training` does.
 
     python bench/sweep.py --data ../shared/camvid --recipes bench/sweep_recipes.txt --parallel 3 \\
@@ -31,9 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from models.checkpoint import read_meta  # noqa: E402
 
-BASE = ("--encoder tf_efficientnet_lite0 --decoder-channels 128 64 32 16 16 --size 352 480 --epochs 36 "
+BASE = ("--encoder tf_efficientnet_lite0 --decoder-channels 128 64 32 16 16 --size 352 480 --epochs 60 "
         "--freeze-epochs 2 --dice 1.0 --bs 8 --lr 3e-3 --encoder-lr-mult 0.2 --pct-start 0.2 --scale 0.5 2.0 "
-        "--lighting 0.3 --colour 0.3 --ema 0.995 --half")
+        "--lighting 0.3 --colour 0.3 --ema 0.995 --focus-classes Pole SignSymbol Fence Pedestrian Bicyclist "
+        "--focus-p 0.5 --half")
 
 
 @dataclass

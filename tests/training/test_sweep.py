@@ -42,7 +42,7 @@ def test_the_sweeps_base_is_the_model_cards_recipe():
         i += 1
     assert shlex.split(sweep.BASE) == kept
     parsed = build_parser().parse_args(["train", "--data", "d", "--out", "o.safetensors", *kept])
-    assert parsed.size == [352, 480] and parsed.epochs == 36 and parsed.ema == 0.995
+    assert parsed.size == [352, 480] and parsed.epochs == 60 and parsed.ema == 0.995 and parsed.focus_p == 0.5
 
 
 def test_a_bad_recipes_file_names_the_line(tmp_path):
