@@ -60,11 +60,14 @@ class RandomRotation:
 class RandomCrop:
     """Crop `size` at a random place; pad first (image 0, mask ignore) where the image is smaller. With `focus`
     classes, a share `p_focus` of the crops is placed around a random pixel of those classes (when the image has
-    any): thin, rare classes (poles, signs, cyclists) are then seen far more often than their pixel share."""
+    any): thin, rare classes (poles, signs, cyclists) are then seen far more often than their pixel share. With
+    `p_focus` 0 it draws exactly the crops of a RandomCrop without `focus` (no coin is tossed), so `--focus-p 0`
+    turns a recipe's crops off without changing its other random draws."""
 
     def __init__(self, size: tuple[int, int], ignore_index: int, focus: tuple[int, ...] = (), p_focus: float = 0.5):
         self.size, self.ignore = size, ignore_index
-        self.focus, self.p_focus = torch.tensor(focus, dtype=torch.long), p_focus
+        self.focus = torch.tensor(focus if p_focus > 0 else (), dtype=torch.long)
+        self.p_focus = p_focus
 
     def __call__(self, image, mask, g):
         th, tw = self.size

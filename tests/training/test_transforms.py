@@ -97,6 +97,12 @@ def test_focus_crops_are_placed_around_pixels_of_the_focus_classes():
     assert 0.4 < share < 0.65
     # an image without any focus pixel is cropped as usual
     assert focused(image, torch.zeros_like(mask), g)[1].shape == (64, 64)
+    # p_focus 0 draws the very crops of a plain RandomCrop: `--focus-p 0` reproduces a recipe without crops
+    off, a, b = RandomCrop((64, 64), IGNORE, focus=(3,), p_focus=0.0), torch.Generator(), torch.Generator()
+    a.manual_seed(7), b.manual_seed(7)
+    where = torch.arange(200 * 300).view(200, 300)  # every pixel its own label: equal crops sit at the same place
+    assert all(torch.equal(off(image, where, a)[1], plain(image, where, b)[1]) for _ in range(20))
+    assert torch.equal(torch.rand(4, generator=a), torch.rand(4, generator=b))  # and leaves the stream where it was
 
 
 def test_class_paste_copies_the_donors_pixels_of_those_classes_and_nothing_else():
