@@ -28,7 +28,7 @@ from models import __version__
 from models.checkpoint import Checkpoint, file_sha256, load_checkpoint
 from models.export import export_onnx
 from models.precision import PrecisionCard, card_path, int8_path, native_precisions, quantize_int8
-from models.runtimes import openvino_core
+from models.runtimes import import_openvino, openvino_core
 
 from .data import DataError, SegmentationDataset, collate, frames_trained_on, open_folder
 from .engine import evaluate
@@ -60,9 +60,7 @@ def versions() -> dict[str, str]:
 
     found = {"package": __version__, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
     try:
-        import openvino
-
-        found["openvino"] = openvino.__version__
+        found["openvino"] = import_openvino().__version__
     except ImportError:
         pass
     return found
@@ -154,6 +152,7 @@ def quantize(ckpt: Checkpoint, folder, calibration: int, seed: int, split: str, 
 
 
 def cmd_quantize(a: argparse.Namespace) -> None:
+    openvino_core()  # scores every precision: fail now (TCMalloc preloaded) rather than after the calibration
     ckpt = load_checkpoint(a.checkpoint)
     folder = open_folder(a.data, need=("train", "valid"), holdout_drive=a.holdout_drive, valid_list=a.valid_list)
     if list(folder.classes.names) != list(ckpt.meta.classes.names):

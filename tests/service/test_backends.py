@@ -3,6 +3,7 @@
 import base64
 import io
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -23,7 +24,7 @@ from service.predictor import Predictor
 from service.settings import Settings
 from training.cli import main
 
-from ..conftest import CAMVID
+from ..conftest import CAMVID, SHIPPED
 
 FRAMES = sorted((CAMVID / "images").iterdir())
 
@@ -122,7 +123,6 @@ def test_the_export_is_cached_by_checkpoint_and_versions_and_a_bad_entry_is_rewr
 
 
 def _shipped():
-    from ..conftest import SHIPPED
     return SHIPPED
 
 
@@ -145,6 +145,51 @@ def test_a_missing_runtime_or_a_parity_miss_falls_back_to_torch_and_says_so(chec
     p = Predictor.load(checkpoint, "cpu", backend="auto", cache_dir=tmp_path)
     assert p.backend.name == "torch"
     assert any("onnxruntime not used (ParityError: its masks agree with torch on" in n for n in p.backend_notes)
+
+
+TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
+ROOT = Path(__file__).parents[2]
+
+
+@pytest.mark.skipif(not TCMALLOC.is_file(),
+                    reason="TCMalloc is not installed (`apt-get install libtcmalloc-minimal4`; .ci/run installs it)")
+def test_with_tcmalloc_preloaded_the_service_refuses_openvino_and_serves_on_torch(tmp_path):
+    """OpenVINO's CPU plugin aborts a process with TCMalloc loaded ("double free or corruption", no message): an
+    operator who preloads it for the whole host gets a service on torch and a note that says why."""
+    code = textwrap.dedent(f"""
+        import json
+        from fastapi.testclient import TestClient
+        from service.app import create_app
+        from service.settings import Settings
+        settings = Settings(checkpoint={str(SHIPPED)!r}, device="cpu", backend="openvino", cache_dir={str(tmp_path)!r},
+                            warmup_passes=1)
+        with TestClient(create_app(settings)) as client:
+            info = client.get("/model").json()
+            r = client.post("/segment", files={{"image": ("x.png", open({str(FRAMES[0])!r}, "rb").read())}})
+        print(json.dumps({{"backend": info["backend"], "notes": info["backend_notes"], "status": r.status_code,
+                          "pixels": sum(c["pixels"] for c in r.json()["classes"])}}))
+    """)
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "LD_PRELOAD": str(TCMALLOC)}, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert report["backend"] == "torch" and report["status"] == 200
+    assert "openvino not used (TcmallocPreloaded: OpenVINO aborts a process with TCMalloc loaded" in report["notes"][0]
+    width, height = Image.open(FRAMES[0]).size
+    assert report["pixels"] == width * height
+
+
+def test_openvino_is_imported_without_its_telemetry(tmp_path):
+    """`import openvino` alone posts a usage event to Google Analytics (openvino-telemetry, a dependency of its
+    wheel: a client ID written under ~/intel, a process forked from a thread) unless a consent file or a CI variable
+    says no. Through models.runtimes, neither the service nor the CLI calls out or writes to the home folder."""
+    code = ("import sys, threading; from models.runtimes import openvino_core; openvino_core(); "
+            "print(sorted(t.name for t in threading.enumerate()), sys.modules.get('openvino_telemetry') is None)")
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "TF_BUILD", "JENKINS_URL")} | {"HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[0] == "['MainThread'] True"  # no sender thread: OpenVINO's no-op stub instead
+    assert list(tmp_path.iterdir()) == []  # no ~/intel/openvino_ga_cid
 
 
 ONNX_ALONE = textwrap.dedent('''

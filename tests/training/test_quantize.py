@@ -2,8 +2,13 @@
 
 import dataclasses
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from models.checkpoint import file_sha256, load_checkpoint, save_checkpoint
 from models.precision import card_path, int8_path, native_precisions, read_card
@@ -119,3 +124,21 @@ def test_evaluate_and_export_say_when_the_scored_frames_were_trained_on(tmp_path
     exported = tmp_path / "exported.safetensors"
     assert main(["export", "--checkpoint", str(final), "--data", str(CAMVID), "--out", str(exported)]) == 0
     assert load_checkpoint(exported).meta.metrics["split"] == "valid (trained on too: --final)"
+
+
+TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
+
+
+@pytest.mark.skipif(not TCMALLOC.is_file(),
+                    reason="TCMalloc is not installed (`apt-get install libtcmalloc-minimal4`; .ci/run installs it)")
+def test_quantize_with_tcmalloc_preloaded_says_why_in_one_line_before_any_work(tmp_path):
+    # docs/training.md preloads TCMalloc for training; OpenVINO, which scores each precision here, aborts such a
+    # process with "double free or corruption" and no hint
+    checkpoint = shutil.copy(SHIPPED, tmp_path / "m.safetensors")
+    done = subprocess.run([sys.executable, "-m", "training", "quantize", "--data", str(CAMVID), "--checkpoint",
+                           str(checkpoint)], env={**os.environ, "LD_PRELOAD": str(TCMALLOC)},
+                          cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip() == (f"error: OpenVINO aborts a process with TCMalloc loaded ({TCMALLOC.resolve()}): "
+                                   "run this one without LD_PRELOAD (TCMalloc speeds up training only)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]  # no int8 file, no card
