@@ -18,6 +18,8 @@ from service.settings import Settings
 FIXTURES = Path(__file__).parent / "fixtures"
 CAMVID = FIXTURES / "camvid"  # 6 real CamVid frames (4 train, 2 valid) shrunk to 96x72
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "camvid.safetensors"
+# Debian's TCMalloc, which docs/training.md preloads for CPU training (.ci/run installs it; its tests skip without)
+TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
 
 
 @pytest.fixture

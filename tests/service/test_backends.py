@@ -24,7 +24,7 @@ from service.predictor import Predictor
 from service.settings import Settings
 from training.cli import main
 
-from ..conftest import CAMVID, SHIPPED
+from ..conftest import CAMVID, SHIPPED, TCMALLOC
 
 FRAMES = sorted((CAMVID / "images").iterdir())
 
@@ -147,7 +147,6 @@ def test_a_missing_runtime_or_a_parity_miss_falls_back_to_torch_and_says_so(chec
     assert any("onnxruntime not used (ParityError: its masks agree with torch on" in n for n in p.backend_notes)
 
 
-TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
 ROOT = Path(__file__).parents[2]
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from models.checkpoint import file_sha256, load_checkpoint, save_checkpoint
 from models.precision import card_path, int8_path, native_precisions, read_card
-from tests.conftest import CAMVID, SHIPPED
+from tests.conftest import CAMVID, SHIPPED, TCMALLOC
 from training.cli import main
 from training.data import open_folder
 
@@ -124,9 +124,6 @@ def test_evaluate_and_export_say_when_the_scored_frames_were_trained_on(tmp_path
     exported = tmp_path / "exported.safetensors"
     assert main(["export", "--checkpoint", str(final), "--data", str(CAMVID), "--out", str(exported)]) == 0
     assert load_checkpoint(exported).meta.metrics["split"] == "valid (trained on too: --final)"
-
-
-TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
 
 
 @pytest.mark.skipif(not TCMALLOC.is_file(),

@@ -22,7 +22,7 @@ from training.engine import Amp, Dist, WeightAverage
 from training.trainer import TrainConfig, fit
 from training.transforms import eval_transforms
 
-from ..conftest import CAMVID, SHIPPED
+from ..conftest import CAMVID, SHIPPED, TCMALLOC
 
 SMALL = dict(encoder="tf_efficientnet_lite0", decoder_channels=(64, 32, 16, 16, 8), bs=4, workers=0,
              show_progress=False)
@@ -566,9 +566,6 @@ def test_a_bf16_run_trains_records_its_precision_and_its_scores_are_fp32s(tmp_pa
     m = json.loads(capsys.readouterr().out)
     assert m["mean_iou"] == pytest.approx(h[-1]["mean_iou"], abs=1e-9)
     assert m["pixel_accuracy"] == pytest.approx(h[-1]["pixel_accuracy"], abs=1e-9)
-
-
-TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
 
 
 @pytest.mark.skipif(not TCMALLOC.is_file(),
