@@ -58,11 +58,10 @@ def openvino_core():
     share one."""
     global _core
     ov = import_openvino()
-    if (tcmalloc := loaded_tcmalloc()) is not None:
-        raise TcmallocPreloaded(f"OpenVINO aborts a process with TCMalloc loaded ({tcmalloc}): run this one without "
-                                "LD_PRELOAD (TCMalloc speeds up training only)")
-
     with _lock:
-        if _core is None:
+        if _core is None:  # a preloaded library is there from the start: checked once, before the only Core
+            if (tcmalloc := loaded_tcmalloc()) is not None:
+                raise TcmallocPreloaded(f"OpenVINO aborts a process with TCMalloc loaded ({tcmalloc}): run this one "
+                                        "without LD_PRELOAD (TCMalloc speeds up training only)")
             _core = ov.Core()
         return _core
