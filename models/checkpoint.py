@@ -22,7 +22,9 @@ from .errors import UserError
 from .unet import UNet, UNetConfig
 
 FORMAT = "camvid-segment/unet"
-FORMAT_VERSION = 1
+# The newest format version this release reads. 2: the network may carry a bottleneck `context` (UNetConfig); a file
+# is written as version 2 only then, so files without it stay readable by releases that read version 1.
+FORMAT_VERSION = 2
 META_KEY = "segment"
 MAX_HEADER = 100 * 1024 * 1024
 
@@ -44,11 +46,11 @@ class CheckpointMeta:
     created: str = ""
     package_version: str = __version__
     format: str = FORMAT
-    format_version: int = FORMAT_VERSION
+    format_version: int = 1  # at least; to_json writes the version the network needs
 
     def to_json(self) -> str:
         return json.dumps({
-            "format": self.format, "format_version": self.format_version,
+            "format": self.format, "format_version": max(self.format_version, self.model.format_version()),
             "model": self.model.to_dict(), "classes": self.classes.to_dict(),
             "normalization": {"mean": list(self.mean), "std": list(self.std)},
             "input_size": list(self.input_size), "metrics": self.metrics, "data": self.data,
@@ -56,8 +58,7 @@ class CheckpointMeta:
         })
 
     @classmethod
-    def from_json(cls, text: str) -> CheckpointMeta:
-        d = json.loads(text)
+    def from_dict(cls, d: dict) -> CheckpointMeta:
         return cls(
             model=UNetConfig.from_dict(d["model"]), classes=ClassSet.from_dict(d["classes"]),
             mean=tuple(d["normalization"]["mean"]), std=tuple(d["normalization"]["std"]),
@@ -133,15 +134,22 @@ def read_meta(path: Path) -> CheckpointMeta:
         raise CheckpointError(f"{path}: a .safetensors file, but not a camvid-segment checkpoint (no '{META_KEY}' "
                               "metadata: architecture, classes and normalisation are unknown); use a file written "
                               "by `python -m training train`")
+    damaged = f"{path}: its '{META_KEY}' metadata is damaged"
     try:
-        parsed = CheckpointMeta.from_json(meta[META_KEY])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: its '{META_KEY}' metadata is damaged ({type(e).__name__}: {e})") from None
+        d = json.loads(meta[META_KEY])
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{damaged} (JSONDecodeError: {e})") from None
+    # a newer release's file may describe a network this one cannot build: say "upgrade" before building it
+    version = d.get("format_version") if isinstance(d, dict) else None
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format version {version} was written by a newer release "
+                              f"({d.get('package_version', '?')}); this one reads up to {FORMAT_VERSION}: upgrade")
+    try:
+        parsed = CheckpointMeta.from_dict(d)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{damaged} ({type(e).__name__}: {e})") from None
     if parsed.format != FORMAT:
         raise CheckpointError(f"{path}: format {parsed.format!r}, expected {FORMAT!r}")
-    if parsed.format_version > FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format version {parsed.format_version} was written by a newer release "
-                              f"({parsed.package_version}); this one reads up to {FORMAT_VERSION}: upgrade")
     return parsed
 
 

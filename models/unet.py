@@ -1,7 +1,7 @@
 """The network: a lean U-Net decoder (smp.Unet-style) on any timm `features_only` encoder.
 
-Any input size works: the input is padded up to the encoder's stride inside and the logits are
-cropped back, so the output always has exactly the input's height and width.
+Any input size works: the input is resized up to multiples of the encoder's stride inside and the logits are
+resized back, so the output always has exactly the input's height and width.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from torch import nn
 from .encoders import create_encoder
 from .errors import ConfigError
 
+CONTEXTS = ("none", "pool")  # UNetConfig.context
+
 
 @dataclass(frozen=True)
 class UNetConfig:
@@ -25,9 +27,21 @@ class UNetConfig:
     num_classes: int = 12
     decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)
     arch: str = "unet"
+    context: str = "none"  # "pool": GlobalContext at the bottleneck; absent from earlier checkpoints: "none"
+
+    def __post_init__(self):
+        if self.context not in CONTEXTS:
+            raise ConfigError(f"context {self.context!r}: one of {', '.join(CONTEXTS)} (a newer release's network?)")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["context"] == "none":
+            del d["context"]  # as files without it say, so that releases before it read them
+        return d
+
+    def format_version(self) -> int:
+        """The checkpoint format version a file of this network needs (models/checkpoint.py)."""
+        return 1 if self.context == "none" else 2
 
     @classmethod
     def from_dict(cls, d: dict) -> UNetConfig:
@@ -60,6 +74,26 @@ class DecoderBlock(nn.Module):
         return self.conv2(self.conv1(x))  # (B, cout, 2h, 2w)
 
 
+class GlobalContext(nn.Module):
+    """Image-level context for the bottleneck (ParseNet; DeepLabV3's image pooling): the features' average over the
+    whole image, through a small MLP, shifts every position's features. Concatenating the pooled vector and mixing
+    with a 1x1 convolution, as those papers do, is the same function class. EfficientNet-Lite drops the
+    squeeze-and-excitation blocks of EfficientNet, so without this nothing in the network sees the whole frame at
+    once. The last layer starts at zero: a new network starts as the plain U-Net. Costs nothing measurable (one
+    (B, C) vector per image); exports to ONNX as ReduceMean and 1x1 convolutions, at any input size."""
+
+    def __init__(self, channels: int, hidden: int = 128):
+        super().__init__()
+        self.reduce = nn.Conv2d(channels, hidden, 1)
+        self.expand = nn.Conv2d(hidden, channels, 1)
+        nn.init.zeros_(self.expand.weight)
+        nn.init.zeros_(self.expand.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = x.mean(dim=(2, 3), keepdim=True)  # (B, C, 1, 1)
+        return x + self.expand(F.relu(self.reduce(g)))  # (B, C, h, w): one shift per image and channel
+
+
 class UNet(nn.Module):
     def __init__(self, config: UNetConfig, encoder: nn.Module | None = None):
         super().__init__()
@@ -76,6 +110,10 @@ class UNet(nn.Module):
         self.decoder = nn.ModuleList(
             DecoderBlock(i, s, o) for i, s, o in zip(ins, skips, config.decoder_channels, strict=True))
         self.head = nn.Conv2d(config.decoder_channels[-1], config.num_classes, 3, padding=1)
+        # The context draws its initial weights from a forked stream: with a seed, every other weight and what the
+        # run draws after (its data order, its crops) are the plain U-Net's, so the two compare draw for draw.
+        with torch.random.fork_rng(devices=[]):
+            self.context = GlobalContext(channels[-1]) if config.context == "pool" else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised → (B, num_classes, H, W) logits. A size that is not a multiple of the stride (32)
@@ -90,7 +128,7 @@ class UNet(nn.Module):
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.encoder(x)  # [(B, C1, H/2, W/2), ..., (B, C5, H/32, W/32)]
-        y = features[-1]
+        y = self.context(features[-1])  # (B, C5, H/32, W/32)
         for block, skip in zip(self.decoder, [*features[-2::-1], None], strict=True):
             y = block(y, skip)  # doubles the resolution each step, up to (B, 16, H, W)
         return self.head(y)  # (B, num_classes, H, W)
@@ -99,7 +137,7 @@ class UNet(nn.Module):
         return list(self.encoder.parameters())
 
     def decoder_parameters(self) -> list[nn.Parameter]:
-        return [*self.decoder.parameters(), *self.head.parameters()]
+        return [*self.context.parameters(), *self.decoder.parameters(), *self.head.parameters()]
 
 
 def build_unet(config: UNetConfig, encoder_weights: str | Path = "none", drop_path: float = 0.0) -> UNet:

@@ -31,7 +31,7 @@ HYPERPARAMS = ("encoder", "encoder_weights", "size", "epochs", "freeze_epochs", 
                "decoder_channels", "dice", "init", "scale", "lighting", "colour", "focus_classes", "focus_p",
                "paste_classes", "paste_p", "final", "holdout_drive", "valid_list", "ema", "lovasz", "ohem",
                "label_smoothing", "drop_path", "teacher", "distill", "distill_temperature", "teacher_tta",
-               "swa_epochs", "swa_lr")
+               "swa_epochs", "swa_lr", "context")
 log = logging.getLogger(__name__)
 
 

@@ -64,7 +64,8 @@ def init_from(model: UNet, net_config: UNetConfig, classes, path: Path) -> None:
     source = load_checkpoint(path)
     if source.meta.model != net_config:
         raise ConfigError(f"{path}: --init checkpoint is a {source.meta.model} model, but this run builds "
-                          f"{net_config}; pass the same --encoder/--decoder-channels, on data with the same classes")
+                          f"{net_config}; pass the same --encoder/--decoder-channels/--context, on data with the same "
+                          "classes")
     if list(source.meta.classes.names) != list(classes.names):
         raise ConfigError(f"{path}: --init checkpoint has classes {list(source.meta.classes.names)}, the data has "
                           f"{list(classes.names)}; --init needs the same class list in the same order")
@@ -284,7 +285,8 @@ def fit(config: TrainConfig) -> dict:
     size = tuple(config.size) if config.size else tuple(reversed(image_size(folder.pairs("train")[0].image)))
     phases = plan(config, size)
     torch.manual_seed(config.seed)
-    net_config = UNetConfig(config.encoder, folder.classes.num_classes, tuple(config.decoder_channels))
+    net_config = UNetConfig(config.encoder, folder.classes.num_classes, tuple(config.decoder_channels),
+                            context=config.context)
     model = build_model(config, net_config, folder, run, device)
     ema = build_ema(config, model, run)  # a bad decay fails before anything is written
     swa = build_swa(config, model, run)

@@ -1,11 +1,13 @@
 import json
 import struct
+from dataclasses import replace
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from models.checkpoint import CheckpointError, load_checkpoint, read_meta, save_checkpoint
+from models.unet import UNet, UNetConfig
 
 
 def test_round_trip_gives_identical_logits_and_metadata(tmp_path, small_unet, classes):
@@ -83,3 +85,46 @@ def test_newer_format_version_asks_to_upgrade(tmp_path, small_unet):
     path = save_checkpoint(tmp_path / "m.safetensors", model, meta)
     with pytest.raises(CheckpointError, match="format version 99 was written by a newer release"):
         read_meta(path)
+
+
+def _header_meta(path) -> dict:
+    raw = path.read_bytes()
+    return json.loads(json.loads(raw[8:8 + struct.unpack("<Q", raw[:8])[0]])["__metadata__"]["segment"])
+
+
+def test_a_network_with_bottleneck_context_round_trips_and_needs_format_version_2(tmp_path, small_unet, classes):
+    model, meta = small_unet
+    plain = save_checkpoint(tmp_path / "plain.safetensors", model, meta)
+    # a file without the context reads as before it existed: version 1, no "context" key, for older releases
+    assert _header_meta(plain)["format_version"] == 1 and "context" not in _header_meta(plain)["model"]
+    torch.manual_seed(0)
+    config = UNetConfig("resnet18", classes.num_classes, (64, 32, 16, 16, 8), context="pool")
+    pooled = UNet(config).eval()
+    torch.nn.init.normal_(pooled.context.expand.weight, std=0.5)
+    path = save_checkpoint(tmp_path / "pool.safetensors", pooled, replace(meta, model=config))
+    assert _header_meta(path)["format_version"] == 2 and _header_meta(path)["model"]["context"] == "pool"
+    ckpt = load_checkpoint(path)
+    assert ckpt.meta.model == config
+    x = torch.randn(2, 3, 45, 67)
+    with torch.no_grad():
+        assert torch.equal(ckpt.model(x), pooled(x))
+
+
+@pytest.mark.parametrize(("version", "error"), [
+    (2, "metadata is damaged .*context 'aspp': one of none, pool"),
+    # a newer release's network: "upgrade", before this release tries to build it
+    (3, "format version 3 was written by a newer release .* this one reads up to 2: upgrade")])
+def test_a_network_this_release_does_not_know_is_named(tmp_path, small_unet, version, error):
+    model, meta = small_unet
+    path = save_checkpoint(tmp_path / "m.safetensors", model, meta)
+    raw = path.read_bytes()
+    header = json.loads(raw[8:8 + struct.unpack("<Q", raw[:8])[0]])
+    described = json.loads(header["__metadata__"]["segment"])
+    described["model"]["context"] = "aspp"
+    if version > 2:
+        described["model"]["stem"] = "deep"  # a field this release has never heard of
+    described["format_version"] = version
+    header["__metadata__"]["segment"] = json.dumps(described)
+    save_file(load_file(str(path)), str(path), metadata=header["__metadata__"])
+    with pytest.raises(CheckpointError, match=error):
+        load_checkpoint(path)

@@ -45,3 +45,37 @@ def test_void_is_never_predicted():
     assert mask.tolist() == [[1, 0], [0, 0]]
     # resized back to a larger size, still never void
     assert logits_to_mask(logits, (5, 7), void_index=2).max() < 2
+
+
+def test_bottleneck_context_starts_as_the_plain_unet_and_keeps_the_images_of_a_batch_apart():
+    torch.manual_seed(0)
+    plain = UNet(UNetConfig("tf_efficientnet_lite0", num_classes=12, decoder_channels=(32, 16, 16, 8, 8))).eval()
+    after_plain = torch.rand(3)
+    torch.manual_seed(0)
+    pooled = UNet(UNetConfig("tf_efficientnet_lite0", num_classes=12, decoder_channels=(32, 16, 16, 8, 8),
+                             context="pool")).eval()
+    # same seed, same draws: every shared weight, and whatever the run draws next (data order, crops), as the plain
+    # network's, so a run with the context compares with the plain recipe's run of that seed
+    assert torch.equal(torch.rand(3), after_plain)
+    shared = plain.state_dict()
+    assert all(torch.equal(v, shared[k]) for k, v in pooled.state_dict().items() if k in shared)
+    assert sorted(set(pooled.state_dict()) - set(shared)) == [
+        "context.expand.bias", "context.expand.weight", "context.reduce.bias", "context.reduce.weight"]
+    x = torch.randn(2, 3, 45, 60)
+    with torch.no_grad():
+        assert torch.equal(pooled(x), plain(x))  # its last layer starts at zero: training starts from the plain U-Net
+        torch.nn.init.normal_(pooled.context.expand.weight, std=0.5)  # as after training
+        features = torch.randn(2, 320, 3, 4)  # Lite0's bottleneck: 320 channels at 1/32 of the frame
+        shift = pooled.context(features) - features
+        # one shift per image and channel, the same at every position, from that image's features alone
+        assert torch.allclose(shift, shift[..., :1, :1].expand_as(shift), atol=1e-6)
+        assert shift.abs().mean() > 0.1 and not torch.allclose(shift[0], shift[1], atol=1e-3)
+        both = pooled(x)
+        # each image's context is its own frame's average, whatever else is in the batch
+        assert torch.allclose(both[1:], pooled(x[1:]), atol=1e-5)
+        assert pooled(torch.randn(1, 3, 37, 61)).shape == (1, 12, 37, 61)
+
+
+def test_an_unknown_context_is_a_clear_error():
+    with pytest.raises(ValueError, match="context 'aspp': one of none, pool"):
+        UNetConfig("tf_efficientnet_lite0", context="aspp")

@@ -16,7 +16,8 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from models.checkpoint import load_checkpoint
+from models.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
+from models.unet import UNet, UNetConfig
 from service import backends, selection
 from service.app import create_app
 from service.backends import onnx_cache_name
@@ -54,6 +55,24 @@ def test_onnx_backends_serve_the_masks_torch_serves(checkpoint, tmp_path, name):
     same = sum(int((a == b).sum()) for a, b in zip(masks["torch"], masks[name], strict=True))
     assert same / pixels >= 0.999
     assert (tmp_path / onnx_cache_name(load_checkpoint(checkpoint))).is_file()
+
+
+@pytest.mark.parametrize("name", ["onnxruntime", "openvino"])
+def test_a_network_with_bottleneck_context_exports_and_serves_the_logits_torch_serves(classes, tmp_path, name):
+    torch.manual_seed(0)
+    config = UNetConfig("resnet18", classes.num_classes, (64, 32, 16, 16, 8), context="pool")
+    model = UNet(config).eval()
+    torch.nn.init.normal_(model.context.expand.weight, std=0.5)  # as after training: the shift is not zero
+    meta = CheckpointMeta(model=config, classes=classes, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                          input_size=(64, 96))
+    ckpt = load_checkpoint(save_checkpoint(tmp_path / "context.safetensors", model, meta))
+    batch = torch.randn(3, 3, 64, 96)
+    with torch.no_grad():
+        expected = ckpt.model(batch).numpy()
+    path, cache = backends.cached_onnx(ckpt, tmp_path)
+    got = backends.BUILDERS[name](path, cache)(batch).numpy()
+    assert got.shape == (3, classes.num_classes, 64, 96)
+    assert np.abs(got - expected).max() < 1e-3
 
 
 @pytest.mark.parametrize("name", ["onnxruntime", "openvino"])

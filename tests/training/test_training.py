@@ -326,7 +326,7 @@ def test_final_trains_on_train_and_valid_and_keeps_the_last_epoch(tmp_path):
     config = TrainConfig(data=CAMVID, out=tmp_path / "f.safetensors", run_dir=tmp_path / "f", epochs=2,
                          freeze_epochs=0, encoder_weights="none", final=True, scale=(0.5, 2.0), colour=0.3,
                          focus_classes=("Pole", "Bicyclist"), drop_path=0.2, wd_norm_bias=False, size=(48, 64),
-                         **SMALL)
+                         context="pool", **SMALL)
     folder = open_folder(CAMVID)
     train_ds = training.trainer._loaders(folder, config, (48, 64), (0.5,) * 3, (0.5,) * 3, Dist(),
                                          torch.device("cpu"))[0]
@@ -337,6 +337,7 @@ def test_final_trains_on_train_and_valid_and_keeps_the_last_epoch(tmp_path):
     assert meta.train["final"] is True and meta.train["focus_classes"] == ["Pole", "Bicyclist"]
     assert meta.train["drop_path"] == 0.2  # the card's command can be read back from the file
     assert meta.train["wd_norm_bias"] is False
+    assert meta.model.context == "pool" and meta.train["context"] == "pool"  # the network, rebuilt from the file
 
 
 @pytest.mark.parametrize("wd_norm_bias", [True, False])
