@@ -146,7 +146,7 @@ def read_meta(path: Path) -> CheckpointMeta:
                               f"({d.get('package_version', '?')}); this one reads up to {FORMAT_VERSION}: upgrade")
     try:
         parsed = CheckpointMeta.from_dict(d)
-    except (AttributeError, KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{damaged} ({type(e).__name__}: {e})") from None
     if parsed.format != FORMAT:
         raise CheckpointError(f"{path}: format {parsed.format!r}, expected {FORMAT!r}")

@@ -29,7 +29,7 @@ class TrainConfig:
                                                "first (smp.Unet's default)", nargs=5, metavar="C")
     context: str = option("none", "pool: image-level context at the U-Net's bottleneck (the features' average over "
                           "the frame shifts every position's; ParseNet, DeepLabV3's image pooling)",
-                          choices=["none", "pool"])
+                          choices=["none", "pool"])  # models.unet.CONTEXTS; this module stays free of torch
     epochs: int = option(20, "total epochs, the frozen ones included")
     freeze_epochs: int | None = option(None, "epochs with a frozen encoder (default: a quarter of the epochs when "
                                        "the encoder is pretrained)")

@@ -1,9 +1,12 @@
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from models.processing import logits_to_mask
-from models.unet import UNet, UNetConfig
+from models.unet import CONTEXTS, UNet, UNetConfig
+from training.config import TrainConfig
 
 
 @pytest.mark.parametrize("encoder", ["resnet34", "tf_efficientnet_lite0"])
@@ -79,3 +82,6 @@ def test_bottleneck_context_starts_as_the_plain_unet_and_keeps_the_images_of_a_b
 def test_an_unknown_context_is_a_clear_error():
     with pytest.raises(ValueError, match="context 'aspp': one of none, pool"):
         UNetConfig("tf_efficientnet_lite0", context="aspp")
+    # the training option offers exactly the networks this release builds
+    field = next(f for f in dataclasses.fields(TrainConfig) if f.name == "context")
+    assert tuple(field.metadata["choices"]) == CONTEXTS
