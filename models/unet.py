@@ -115,22 +115,25 @@ class UNet(nn.Module):
         with torch.random.fork_rng(devices=[]):
             self.context = GlobalContext(channels[-1]) if config.context == "pool" else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, stages: list[torch.Tensor] | None = None) -> torch.Tensor:
         """(B, 3, H, W) normalised → (B, num_classes, H, W) logits. A size that is not a multiple of the stride (32)
         is resized up to the next multiples and the logits back: padding showed the network a border it never saw in
-        training, and cost 0.019 mIoU at CamVid's 360x480 (360 = 11.25 x 32; models/README.md)."""
+        training, and cost 0.019 mIoU at CamVid's 360x480 (360 = 11.25 x 32; models/README.md). `stages`, if given,
+        receives each decoder block's output, deepest first (training's deep supervision reads them)."""
         h, w = x.shape[-2:]
         ph, pw = -h % self.stride, -w % self.stride
         if not (ph or pw):
-            return self._forward(x)
+            return self._forward(x, stages)
         x = F.interpolate(x, size=(h + ph, w + pw), mode="bilinear", align_corners=False)  # (B, 3, H', W')
-        return F.interpolate(self._forward(x), size=(h, w), mode="bilinear", align_corners=False)
+        return F.interpolate(self._forward(x, stages), size=(h, w), mode="bilinear", align_corners=False)
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, stages: list[torch.Tensor] | None = None) -> torch.Tensor:
         features = self.encoder(x)  # [(B, C1, H/2, W/2), ..., (B, C5, H/32, W/32)]
         y = self.context(features[-1])  # (B, C5, H/32, W/32)
         for block, skip in zip(self.decoder, [*features[-2::-1], None], strict=True):
             y = block(y, skip)  # doubles the resolution each step, up to (B, 16, H, W)
+            if stages is not None:
+                stages.append(y)
         return self.head(y)  # (B, num_classes, H, W)
 
     def encoder_parameters(self) -> list[nn.Parameter]:

@@ -52,6 +52,10 @@ class TrainConfig:
     label_smoothing: float = option(0.0, "cross-entropy against targets smoothed by EPS: 1 - EPS on the labelled "
                                     "class, EPS spread over the others, Void excluded (Szegedy et al. 2016; try "
                                     "0.1); 0: off", metavar="EPS")
+    deep_supervision: float = option(0.0, "add W x the mean loss of auxiliary heads (1x1 convolutions, training only: "
+                                     "the saved network is unchanged) on the decoder's blocks at strides 16, 8 and 4, "
+                                     "upsampled to the frame (deeply supervised nets; PSPNet's auxiliary loss, 0.4); "
+                                     "0: off", metavar="W")
     drop_path: float = option(0.0, "stochastic depth in the encoder: each residual block is skipped for a sample with "
                               "probability up to RATE, rising with depth (timm's drop_path_rate; EfficientNet's "
                               "own training used 0.2); 0: off", metavar="RATE")

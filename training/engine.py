@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
@@ -143,6 +144,13 @@ class WeightAverage:
         self.averaged.load_state_dict(state)
 
 
+def averaged_network(model: nn.Module) -> nn.Module:
+    """The network a moving average follows: under DDP its module; under --deep-supervision the U-Net without the
+    training-only heads."""
+    model = model.module if isinstance(model, DistributedDataParallel) else model
+    return getattr(model, "network", model)
+
+
 def train_one_epoch(model: nn.Module, loader, loss_fn, optimizer, scheduler, device: torch.device, amp: Amp,
                     desc: str = "train", show: bool = True, ema=None, step: int = 0, teacher: nn.Module | None = None
                     ) -> float:
@@ -169,7 +177,7 @@ def train_one_epoch(model: nn.Module, loader, loss_fn, optimizer, scheduler, dev
         scheduler.step()
         if ema is not None:
             step += 1
-            ema.update(model, step=step)
+            ema.update(averaged_network(model), step=step)
         total += loss.item() * len(images)
         count += len(images)
         bar.set_postfix(loss=f"{total / count:.4f}", lr=f"{scheduler.get_last_lr()[-1]:.2e}")

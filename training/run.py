@@ -31,7 +31,7 @@ HYPERPARAMS = ("encoder", "encoder_weights", "size", "epochs", "freeze_epochs", 
                "decoder_channels", "dice", "init", "scale", "lighting", "colour", "focus_classes", "focus_p",
                "paste_classes", "paste_p", "final", "holdout_drive", "valid_list", "ema", "lovasz", "ohem",
                "label_smoothing", "drop_path", "teacher", "distill", "distill_temperature", "teacher_tta",
-               "swa_epochs", "swa_lr", "context")
+               "swa_epochs", "swa_lr", "context", "deep_supervision")
 log = logging.getLogger(__name__)
 
 
@@ -104,7 +104,7 @@ class RunState:
 
     history: list[dict] = field(default_factory=list)
     best_metrics: dict = field(default_factory=dict)
-    tensors: dict = field(default_factory=dict)  # model, optimizer, scheduler, scaler (ema, swa) states, last epoch
+    tensors: dict = field(default_factory=dict)  # model, optimizer, scheduler, scaler (ema, swa, heads) states
     ignored: list[str] = field(default_factory=list)  # command-line settings a resumed run overrode, as options
 
     @property
@@ -149,7 +149,7 @@ class RunState:
         run = json.loads(saved["run"])
         return config, cls(run["history"], run["best_metrics"], {k: saved[k] for k in
                                                                  ("model", "optimizer", "scheduler", "scaler", "ema",
-                                                                  "swa")
+                                                                  "swa", "heads")
                                                                  if k in saved}, ignored)
 
     def announce(self, run_dir: Path, config: TrainConfig) -> None:
@@ -162,13 +162,15 @@ class RunState:
                         "; ".join(self.ignored))
 
     def save(self, path: Path, config: TrainConfig, fingerprint: dict, model: nn.Module, optimizer, scheduler,
-             amp: Amp, ema=None) -> None:
+             amp: Amp, ema=None, heads: nn.Module | None = None) -> None:
+        """`heads`: --deep-supervision's training-only heads (not in the checkpoint; the resume state needs them)."""
         tmp = path.with_name(path.name + ".tmp")
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "scaler": amp.scaler.state_dict() if amp.scaler else {},
                     # the average this epoch kept: --ema's moving one, or --swa-epochs' (with its count)
                     **({"swa": ema.state_dict()} if isinstance(ema, WeightAverage) else
                        {"ema": ema.module.state_dict()} if ema is not None else {}),
+                    **({"heads": heads.state_dict()} if heads is not None else {}),
                     "run": json.dumps({"history": self.history, "best_metrics": self.best_metrics}),
                     "config": json.dumps(config.to_dict()), "fingerprint": fingerprint}, tmp)
         os.replace(tmp, path)
@@ -192,9 +194,9 @@ class RunWriter:
         (self.run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
 
     def end_epoch(self, run: RunState, metrics: dict, phase: Phase, model: UNet, optimizer, scheduler,
-                  amp: Amp, ema=None) -> None:
+                  amp: Amp, ema=None, heads: nn.Module | None = None) -> None:
         """`metrics` are those of the weights kept: the average's (--ema's, or --swa-epochs' in its phase), else the
-        model's."""
+        model's. `heads` (--deep-supervision's) go into the resume state only."""
         record = run.history[-1]
         kept = {k: metrics[k] for k in KEPT_METRICS}
         split = valid_split_name(self.config.holdout_drive, self.config.valid_list)
@@ -212,7 +214,7 @@ class RunWriter:
         with (self.run_dir / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
         plot_curves(run.history, self.run_dir / "curves.png")
-        run.save(self.run_dir / "state.pt", self.config, self.fingerprint, model, optimizer, scheduler, amp, ema)
+        run.save(self.run_dir / "state.pt", self.config, self.fingerprint, model, optimizer, scheduler, amp, ema, heads)
         tqdm.write(f"{epoch_tag(record['epoch'] - 1, self.config, phase)}: train_loss {record['train_loss']:.4f} "
                    f"valid_loss {record['valid_loss']:.4f} acc {fmt(record['pixel_accuracy'])} "
                    f"mIoU {fmt(record['mean_iou'])} ({record['seconds']:.1f}s)")

@@ -32,6 +32,7 @@ from .data import CamVidFolder, SegmentationDataset, collate, image_size, open_f
 from .engine import Amp, Dist, WeightAverage, evaluate, resolve_device, train_one_epoch
 from .losses import SegmentationLoss
 from .run import Phase, RunState, RunWriter, epoch_tag
+from .supervision import DeepSupervision, DeepSupervisionLoss
 from .transforms import ClassPaste, eval_transforms, half_size, train_transforms
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,17 @@ def build_swa(config: TrainConfig, model: UNet, run: RunState) -> WeightAverage 
     if "swa" in run.tensors:
         average.load_state_dict(run.tensors["swa"])
     return average
+
+
+def build_supervision(config: TrainConfig, model: UNet, run: RunState,
+                      device: torch.device) -> DeepSupervision | None:
+    """--deep-supervision: the model with its training-only heads; resuming, the heads saved with the last epoch."""
+    if not config.deep_supervision:
+        return None
+    supervised = DeepSupervision(model)
+    if "heads" in run.tensors:
+        supervised.heads.load_state_dict(run.tensors["heads"])
+    return supervised.to(device).to(memory_format=torch.channels_last)
 
 
 class Teacher(nn.Module):
@@ -213,7 +225,7 @@ def _loaders(folder: CamVidFolder, config: TrainConfig, size, mean, std, d: Dist
     return train_ds, sampler, train, valid
 
 
-def _optimizer(model: UNet, config: TrainConfig, steps: int, epochs: int, swa: bool = False):
+def _optimizer(model: UNet | DeepSupervision, config: TrainConfig, steps: int, epochs: int, swa: bool = False):
     """AdamW with the encoder's LR a share of the decoder's; one-cycle, or for the --swa-epochs constant."""
     lr = (config.lr / 10 if config.swa_lr is None else config.swa_lr) if swa else config.lr
     groups = [{"params": model.encoder_parameters(), "lr": lr * config.encoder_lr_mult},
@@ -231,14 +243,16 @@ def _optimizer(model: UNet, config: TrainConfig, steps: int, epochs: int, swa: b
 
 def run_phase(phase: Phase, config: TrainConfig, folder: CamVidFolder, model: UNet, run: RunState, loss_fn,
               d: Dist, device: torch.device, amp: Amp, writer: RunWriter | None, ema=None,
-              teacher: Teacher | None = None) -> None:
-    """The epochs of `phase` not done yet: train, validate, record (and write, on rank 0)."""
+              teacher: Teacher | None = None, supervised: DeepSupervision | None = None) -> None:
+    """The epochs of `phase` not done yet: train, validate, record (and write, on rank 0). `supervised`: the model
+    with --deep-supervision's heads, which is what trains; `model` is what is validated and saved."""
     mean, std = normalization(config.encoder)
     set_encoder_frozen(model, phase.frozen)
     train_ds, sampler, train_dl, valid_dl = _loaders(folder, config, phase.size, mean, std, d, device)
-    net = DistributedDataParallel(model, device_ids=[d.local_rank] if device.type == "cuda" else None) \
-        if d.world > 1 else model
-    optimizer, scheduler = _optimizer(model, config, len(train_dl), phase.epochs, swa=phase.name == "swa")
+    trained = model if supervised is None else supervised
+    net = DistributedDataParallel(trained, device_ids=[d.local_rank] if device.type == "cuda" else None) \
+        if d.world > 1 else trained
+    optimizer, scheduler = _optimizer(trained, config, len(train_dl), phase.epochs, swa=phase.name == "swa")
     if run.epochs_done > phase.start:  # resuming inside this phase: its schedule goes on where it stopped
         optimizer.load_state_dict(run.tensors["optimizer"])
         scheduler.load_state_dict(run.tensors["scheduler"])
@@ -267,7 +281,8 @@ def run_phase(phase: Phase, config: TrainConfig, folder: CamVidFolder, model: UN
             **({} if ema is None else {"raw_pixel_accuracy": raw["pixel_accuracy"], "raw_mean_iou": raw["mean_iou"]}),
             "seconds": round(time.perf_counter() - t0, 2)})
         if writer is not None:
-            writer.end_epoch(run, metrics, phase, model, optimizer, scheduler, amp, ema)
+            writer.end_epoch(run, metrics, phase, model, optimizer, scheduler, amp, ema,
+                             None if supervised is None else supervised.heads)
         if d.world > 1:
             torch.distributed.barrier()
 
@@ -279,6 +294,8 @@ def fit(config: TrainConfig) -> dict:
     check_encoder_name(config.encoder)
     folder = open_folder(config.data, holdout_drive=config.holdout_drive, valid_list=config.valid_list)
     augmentation_focus(config, folder.classes)  # a bad value or class name fails before anything is written
+    if config.deep_supervision < 0:
+        raise ConfigError(f"--deep-supervision {config.deep_supervision:g}: give a weight >= 0 (e.g. 0.4; 0: off)")
     fingerprint = folder.fingerprint()
     run_dir = Path(config.run_dir or Path("runs") / Path(config.out).stem)
     config, run = RunState.start(run_dir, config, fingerprint)
@@ -296,6 +313,9 @@ def fit(config: TrainConfig) -> dict:
                                lovasz=config.lovasz, distill=config.distill if teacher else 0.0,
                                temperature=config.distill_temperature, ohem=config.ohem,
                                label_smoothing=config.label_smoothing)
+    supervised = build_supervision(config, model, run, device)
+    if supervised is not None:
+        loss_fn = DeepSupervisionLoss(loss_fn, config.deep_supervision)
     writer = RunWriter(run_dir, config, folder, fingerprint, net_config, run) if d.main else None
     if d.main:
         run.announce(run_dir, config)
@@ -305,5 +325,6 @@ def fit(config: TrainConfig) -> dict:
     for phase in phases:
         if run.epochs_done < phase.start + phase.epochs:
             average = swa if phase.name == "swa" else ema  # the weights validated and kept in this phase
-            run_phase(phase, config, folder, model, run, loss_fn, d, device, amp, writer, average, teacher)
+            run_phase(phase, config, folder, model, run, loss_fn, d, device, amp, writer, average, teacher,
+                      supervised)
     return run.best_metrics
