@@ -228,7 +228,8 @@ def test_ddp_two_processes_with_gloo(tmp_path, capsys):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "training", "train", "--data", str(CAMVID), "--out", str(out), "--run-dir", str(run_dir),
            "--device", "cpu", "--encoder", "resnet18", "--encoder-weights", "none", "--epochs", "3",
-           "--bs", "2", "--workers", "0", "--quiet", "--ema", "0.9", "--swa-epochs", "1"]
+           "--bs", "2", "--workers", "0", "--quiet", "--ema", "0.9", "--swa-epochs", "1",
+           "--deep-supervision", "0.4"]  # DDP wraps the network with its training-only heads
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     h = history(run_dir)
