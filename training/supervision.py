@@ -21,6 +21,11 @@ from .losses import SegmentationLoss
 LEVELS = 3  # decoder blocks with a head, deepest first: strides 16, 8, 4
 
 
+def check_weight(weight: float) -> None:
+    if weight < 0:
+        raise ConfigError(f"--deep-supervision {weight:g}: give a weight >= 0 (e.g. 0.4; 0: off)")
+
+
 class DeepSupervision(nn.Module):
     """The U-Net (`network`, what is validated, averaged and saved) and its training-only heads. In training mode it
     returns (logits, [auxiliary logits, deepest first]), each (B, num_classes, H, W); in eval mode the logits."""
@@ -57,8 +62,7 @@ class DeepSupervisionLoss(nn.Module):
 
     def __init__(self, loss: SegmentationLoss, weight: float):
         super().__init__()
-        if weight < 0:
-            raise ConfigError(f"--deep-supervision {weight:g}: give a weight >= 0 (e.g. 0.4; 0: off)")
+        check_weight(weight)
         self.loss, self.weight = loss, weight
 
     def forward(self, output, target: torch.Tensor, teacher_logits: torch.Tensor | None = None) -> torch.Tensor:

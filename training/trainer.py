@@ -32,7 +32,7 @@ from .data import CamVidFolder, SegmentationDataset, collate, image_size, open_f
 from .engine import Amp, Dist, WeightAverage, evaluate, resolve_device, train_one_epoch
 from .losses import SegmentationLoss
 from .run import Phase, RunState, RunWriter, epoch_tag
-from .supervision import DeepSupervision, DeepSupervisionLoss
+from .supervision import DeepSupervision, DeepSupervisionLoss, check_weight
 from .transforms import ClassPaste, eval_transforms, half_size, train_transforms
 
 log = logging.getLogger(__name__)
@@ -294,8 +294,7 @@ def fit(config: TrainConfig) -> dict:
     check_encoder_name(config.encoder)
     folder = open_folder(config.data, holdout_drive=config.holdout_drive, valid_list=config.valid_list)
     augmentation_focus(config, folder.classes)  # a bad value or class name fails before anything is written
-    if config.deep_supervision < 0:
-        raise ConfigError(f"--deep-supervision {config.deep_supervision:g}: give a weight >= 0 (e.g. 0.4; 0: off)")
+    check_weight(config.deep_supervision)
     fingerprint = folder.fingerprint()
     run_dir = Path(config.run_dir or Path("runs") / Path(config.out).stem)
     config, run = RunState.start(run_dir, config, fingerprint)
