@@ -27,8 +27,10 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromiu
 
 @pytest.fixture(scope="module")
 def server():
-    env = {"SEGMENT_DEVICE": "cpu", "SEGMENT_WARMUP_PASSES": "1", "SEGMENT_LOG_LEVEL": "warning",
-           "SEGMENT_CHECKPOINT": str(ROOT / "models" / "camvid.safetensors")}  # the shipped default model
+    # The shipped default model, on torch: the page does not depend on the runtime, and `auto` times every runtime
+    # and precision at start-up, which on a loaded 2-core machine took longer than start_service waits.
+    env = {"SEGMENT_DEVICE": "cpu", "SEGMENT_BACKEND": "torch", "SEGMENT_WARMUP_PASSES": "1",
+           "SEGMENT_LOG_LEVEL": "warning", "SEGMENT_CHECKPOINT": str(ROOT / "models" / "camvid.safetensors")}
     proc, base, _ = start_service(env)
     try:
         yield base
