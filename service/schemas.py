@@ -83,6 +83,9 @@ class ModelInfo(BaseModel):
     sha256: str
     encoder: str
     architecture: str
+    decoder_channels: list[int] = Field(description="the U-Net decoder's block widths, deepest first")
+    context: str = Field("none", description="what the bottleneck adds: none, or pool (image-level context, "
+                         "`train --context pool`)")
     input_size: list[int] = Field(description="[height, width] the network runs at")
     classes: list[ClassInfo]
     metrics: dict
@@ -137,7 +140,7 @@ def model_info(checkpoint: Checkpoint, device: str, backend: str, precision: str
     m, classes = checkpoint.meta, checkpoint.meta.classes
     return ModelInfo(
         name=checkpoint.path.name, sha256=checkpoint.sha256, encoder=m.model.encoder, architecture=m.model.arch,
-        input_size=list(m.input_size),
+        decoder_channels=list(m.model.decoder_channels), context=m.model.context, input_size=list(m.input_size),
         classes=[ClassInfo(index=i, name=n, color=hexcolor(c), void=i == classes.void_index)
                  for i, (n, c) in enumerate(zip(classes.names, classes.colors, strict=True))],
         metrics=m.metrics, device=device, backend=backend, precision=precision, streams=streams, tta=tta,

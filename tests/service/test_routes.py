@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 
 import httpx
 import numpy as np
@@ -18,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from models.checkpoint import load_checkpoint
+from models.checkpoint import load_checkpoint, save_checkpoint
 from models.processing import logits_to_mask, preprocess
+from models.unet import UNet
 
 from ..conftest import IMAGE, encoded, make_client, post
 from ..live import start_service
@@ -30,10 +32,21 @@ def test_ready_health_model(client, checkpoint):
     assert client.get("/ready").json() == {"status": "ready"}
     m = client.get("/model").json()
     assert m["encoder"] == "resnet18" and m["input_size"] == [64, 96] and m["device"] == "cpu"
+    assert m["architecture"] == "unet" and m["decoder_channels"] == [64, 32, 16, 16, 8] and m["context"] == "none"
     assert m["precision"] == "float32" and m["metrics"] == {"mean_iou": 0.5}
     assert [c["name"] for c in m["classes"]][:2] == ["Sky", "Building"] and m["classes"][3]["color"] == "#804080"
     assert m["classes"][11]["void"] is True
     assert m["sha256"] == load_checkpoint(checkpoint).sha256
+
+
+def test_model_says_when_the_network_has_bottleneck_context(checkpoint, tmp_path):
+    ckpt = load_checkpoint(checkpoint)
+    config = replace(ckpt.meta.model, context="pool")
+    path = save_checkpoint(tmp_path / "context.safetensors", UNet(config), replace(ckpt.meta, model=config))
+    with make_client(path, backend="torch") as c:
+        m = c.get("/model").json()
+    assert (m["architecture"], m["context"], m["decoder_channels"]) == ("unet", "pool", [64, 32, 16, 16, 8])
+    assert m["sha256"] == load_checkpoint(path).sha256
 
 
 def test_segment_returns_a_palette_png_mask_and_counts_that_match_the_model(client, checkpoint):
