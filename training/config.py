@@ -113,7 +113,8 @@ class TrainConfig:
     resume_if_any: bool = option(False, "continue the run in --run-dir if it holds one, else start it there (for "
                                  "cluster jobs, whose pods may be restarted)")
     half: bool = option(False, "store fp16 weights in the checkpoints (half the file size)")
-    show_progress: bool = option(True, "no progress bars", flag="--quiet")
+    show_progress: bool = option(True, "no progress bars (off anyway when stderr is not a terminal, so a log "
+                                 "holds one line an epoch)", flag="--quiet")
 
     def to_dict(self) -> dict:
         def plain(v):

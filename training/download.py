@@ -62,7 +62,7 @@ def fetch(source: Source, dest: Path, show: bool = True) -> Path:
     try:
         with urllib.request.urlopen(source.url, timeout=60) as r, part.open("wb") as f:
             total = int(r.headers.get("Content-Length") or 0) or source.size
-            with tqdm(total=total, unit="B", unit_scale=True, desc=name, disable=not show) as bar:
+            with tqdm(total=total, unit="B", unit_scale=True, desc=name, disable=(not show) or None) as bar:
                 for chunk in iter(lambda: r.read(1 << 20), b""):
                     f.write(chunk)
                     bar.update(len(chunk))

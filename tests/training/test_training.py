@@ -580,3 +580,20 @@ def test_precision_auto_decides_in_a_process_with_tcmalloc_preloaded():
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[-1] == ("bf16" if cpu_runs_bf16() else "fp32")
+
+
+def test_a_run_logged_to_a_file_has_no_progress_bars_only_its_lines(tmp_path):
+    """`nohup python -m training train ... > run.log 2>&1` without --quiet: tqdm's bars, redrawn with carriage
+    returns a few times a second, would bury the epoch lines; off the terminal they are off."""
+    log = tmp_path / "run.log"
+    with log.open("w") as f:
+        done = subprocess.run([sys.executable, "-m", "training", "train", "--data", str(CAMVID), "--out",
+                               str(tmp_path / "m.safetensors"), "--run-dir", str(tmp_path / "run"), "--device", "cpu",
+                               "--encoder", "resnet18", "--encoder-weights", "none", "--decoder-channels", "32", "16",
+                               "16", "8", "8", "--size", "64", "96", "--epochs", "2", "--freeze-epochs", "1", "--bs",
+                               "2", "--workers", "0"], stdout=f, stderr=subprocess.STDOUT, timeout=300)
+    text = log.read_text()
+    assert done.returncode == 0, text[-3000:]
+    assert "\r" not in text and "it/s" not in text
+    assert [line.split(":")[0] for line in text.splitlines() if line.startswith("epoch ")] == [
+        "epoch 1/2 frozen 32x48", "epoch 2/2 unfrozen 64x96"]  # frozen epochs at half size
