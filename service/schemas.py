@@ -84,7 +84,7 @@ class ModelInfo(BaseModel):
     encoder: str
     architecture: str
     decoder_channels: list[int] = Field(description="the U-Net decoder's block widths, deepest first")
-    context: str = Field("none", description="what the bottleneck adds: none, or pool (image-level context, "
+    context: str = Field(description="what the bottleneck adds: none, or pool (image-level context, "
                          "`train --context pool`)")
     input_size: list[int] = Field(description="[height, width] the network runs at")
     classes: list[ClassInfo]

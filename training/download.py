@@ -8,9 +8,9 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
-
 from models.errors import UserError
+
+from .progress import progress
 
 
 class DownloadError(UserError, RuntimeError):
@@ -62,7 +62,7 @@ def fetch(source: Source, dest: Path, show: bool = True) -> Path:
     try:
         with urllib.request.urlopen(source.url, timeout=60) as r, part.open("wb") as f:
             total = int(r.headers.get("Content-Length") or 0) or source.size
-            with tqdm(total=total, unit="B", unit_scale=True, desc=name, disable=(not show) or None) as bar:
+            with progress(show=show, total=total, unit="B", unit_scale=True, desc=name) as bar:
                 for chunk in iter(lambda: r.read(1 << 20), b""):
                     f.write(chunk)
                     bar.update(len(chunk))

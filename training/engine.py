@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
-from tqdm import tqdm
 
 from models import devices
 from models.errors import ConfigError, UserError
@@ -21,6 +20,7 @@ from models.precision import cpu_runs_bf16
 from models.processing import logits_to_mask
 
 from .metrics import ConfusionMatrix
+from .progress import progress
 
 
 class DivergedError(UserError, FloatingPointError):
@@ -159,7 +159,7 @@ def train_one_epoch(model: nn.Module, loader, loss_fn, optimizer, scheduler, dev
     each batch too and `loss_fn` gets its logits as a third argument."""
     model.train()
     total, count = 0.0, 0
-    bar = tqdm(loader, desc=desc, leave=False, disable=(not show) or None, dynamic_ncols=True)
+    bar = progress(loader, show=show, desc=desc, leave=False)
     for images, masks in bar:
         images = images.to(device, non_blocking=True)
         masks = masks.to(device, non_blocking=True)
@@ -194,7 +194,7 @@ def evaluate(model: nn.Module, loader, num_classes: int, ignore_index: int, void
     model.eval()
     cm = ConfusionMatrix(num_classes, void_index)
     total, count = 0.0, 0
-    for images, masks in tqdm(loader, desc=desc, leave=False, disable=(not show) or None, dynamic_ncols=True):
+    for images, masks in progress(loader, show=show, desc=desc, leave=False):
         images = images.to(device, non_blocking=True)
         images = images.contiguous(memory_format=torch.channels_last)
         with amp.autocast():
@@ -224,7 +224,7 @@ def lr_find(model: nn.Module, loader, loss_fn, optimizer, device: torch.device, 
     mult = (end_lr / start_lr) ** (1 / max(1, num_iter - 1))
     lrs, losses, avg, best = [], [], 0.0, math.inf
     it = iter(loader)
-    for step in tqdm(range(num_iter), desc="lr-find", disable=(not show) or None, dynamic_ncols=True):
+    for step in progress(range(num_iter), show=show, desc="lr-find"):
         lr = start_lr * mult ** step
         for group in optimizer.param_groups:
             group["lr"] = lr
